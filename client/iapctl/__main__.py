@@ -1,0 +1,3 @@
+from iapctl.cli import main
+
+raise SystemExit(main())

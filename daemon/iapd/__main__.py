@@ -1,0 +1,3 @@
+from iapd.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,180 @@
+"""The configuration file: TOML, validated with pydantic, named profiles.
+
+A profile is "one credential source + an optional audience". Profiles that name the same
+desktop client share one login and one refresh token. Every Google endpoint can be overridden,
+which is how the emulator and private or regional endpoints plug in.
+
+A bad file is one line: ``config error: FILE: KEY: what was expected``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from pathlib import Path
+from typing import Annotated, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+SECRET_VERSION_RE = re.compile(r"^projects/[^/]+/secrets/[^/]+/versions/[^/]+$")
+
+
+class ConfigError(Exception):
+    """A config that cannot be used. ``str()`` is the one-line message for the user."""
+
+
+class _Strict(BaseModel):
+    # Unknown keys are errors: a typo ("audiance") must not silently change behaviour.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Endpoints(_Strict):
+    """Google's endpoints. Override them for the emulator, or for private/regional endpoints."""
+
+    auth_url: str = "https://accounts.google.com/o/oauth2/v2/auth"
+    token_url: str = "https://oauth2.googleapis.com/token"
+    revoke_url: str = "https://oauth2.googleapis.com/revoke"
+    certs_url: str = "https://www.googleapis.com/oauth2/v1/certs"
+    secret_manager_url: str = "https://secretmanager.googleapis.com"
+    metadata_url: str = "http://metadata.google.internal"
+    iam_credentials_url: str = "https://iamcredentials.googleapis.com"
+    sts_url: str = "https://sts.googleapis.com/v1/token"
+
+
+class UserSource(_Strict):
+    """A person's login through a *desktop* OAuth client (authorization code + PKCE)."""
+
+    client_id: str = Field(min_length=1)
+    client_secret: str | None = Field(default=None, min_length=1)
+    # `projects/P/secrets/S/versions/V`: read once with `secret_manager_credentials`
+    # (default: application-default credentials), then kept in the credential store.
+    client_secret_name: str | None = Field(default=None, pattern=SECRET_VERSION_RE.pattern)
+    secret_manager_credentials: str | None = None
+
+    @model_validator(mode="after")
+    def _one_secret(self) -> "UserSource":
+        if (self.client_secret is None) == (self.client_secret_name is None):
+            raise ValueError("give exactly one of client_secret or client_secret_name")
+        return self
+
+
+class KeyFileSource(_Strict):
+    kind: Literal["key_file"]
+    key_file: str = Field(min_length=1)
+
+
+class MetadataSource(_Strict):
+    kind: Literal["metadata"]
+
+
+class ADCSource(_Strict):
+    kind: Literal["adc"]
+    credentials_file: str | None = None
+
+
+class ImpersonateSource(_Strict):
+    kind: Literal["impersonate"]
+    target: str = Field(min_length=1)
+    delegates: list[str] = []
+    # Whose credentials call generateIdToken: another profile's name (user or service account),
+    # or application-default credentials when absent.
+    via_profile: str | None = None
+    credentials_file: str | None = None
+
+
+SOURCE_KINDS = {"key_file", "metadata", "adc", "impersonate"}
+ServiceAccountSource = Annotated[
+    Union[KeyFileSource, MetadataSource, ADCSource, ImpersonateSource], Field(discriminator="kind")
+]
+
+
+class Profile(_Strict):
+    # The IAP OAuth client id. Absent: allowlist mode (`programmaticClients`), aud = desktop client.
+    audience: str | None = Field(default=None, min_length=1)
+    user: UserSource | None = None
+    service_account: ServiceAccountSource | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "Profile":
+        if (self.user is None) == (self.service_account is None):
+            raise ValueError("give exactly one of [user] or [service_account]")
+        return self
+
+
+class DaemonSettings(_Strict):
+    """Renewal policy and limits. The defaults suit Google's one-hour ID tokens."""
+
+    socket: str | None = None
+    state_dir: str | None = None
+    # Renew when `max(renew_before_seconds, renew_fraction * lifetime)` is left (jittered).
+    renew_before_seconds: float = Field(default=300, gt=0)
+    renew_fraction: float = Field(default=0.25, gt=0, lt=1)
+    # Never serve a token with less than this left; refresh before answering instead.
+    margin_seconds: float = Field(default=60, ge=0)
+    # An audience nobody asked for in this long stops being renewed ahead of time.
+    idle_seconds: float = Field(default=12 * 3600, gt=0)
+    backoff_initial_seconds: float = Field(default=1, gt=0)
+    backoff_cap_seconds: float = Field(default=120, gt=0)
+    # The wall clock is re-checked at least this often, because timers stop during suspend.
+    tick_seconds: float = Field(default=30, gt=0)
+    login_timeout_seconds: float = Field(default=300, gt=0)
+    # How long a token request may wait for a refresh before it answers "upstream failure".
+    request_timeout_seconds: float = Field(default=20, gt=0)
+    # Let `iapctl token` open a browser when login is required (only where a person can see it).
+    auto_login: bool = True
+    http_timeout_seconds: float = Field(default=15, gt=0)
+
+
+class Config(_Strict):
+    daemon: DaemonSettings = DaemonSettings()
+    endpoints: Endpoints = Endpoints()
+    profiles: dict[str, Profile] = {}
+
+
+def _key_of(loc: tuple) -> str:
+    parts = [str(item) for item in loc]
+    # pydantic puts the tag of a discriminated union in the location (…service_account.key_file…):
+    # drop it, it is not a key of the file.
+    if "service_account" in parts:
+        i = parts.index("service_account") + 1
+        if i < len(parts) and parts[i] in SOURCE_KINDS:
+            del parts[i]
+    return ".".join(parts) or "(top level)"
+
+
+def _describe(err: dict) -> str:
+    kind = err.get("type", "")
+    if kind == "extra_forbidden":
+        return "unknown key"
+    if kind == "missing":
+        return "required key is missing"
+    msg = err.get("msg", "invalid value")
+    return msg.removeprefix("Value error, ")
+
+
+def parse_config(text: str, path: str) -> Config:
+    """Parse and validate config text; every failure is a ConfigError with one line."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config error: {path}: not valid TOML: {exc}") from None
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+        raise ConfigError(f"config error: {path}: {_key_of(err['loc'])}: {_describe(err)}{more}") from None
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    """Read the file. A missing file is an empty config (no profiles), not an error:
+    the daemon can start before the user has written one, and says so in status."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return Config()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config error: {p}: cannot read: {exc}") from None
+    return parse_config(text, str(p))

@@ -1,0 +1,60 @@
+"""`iapd emulator --write-config`: a complete iapd config plus the credential files it names."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from iapd.emulator.state import (
+    ADC_CLIENT_ID, DEMO_SA_EMAIL, DESKTOP_CLIENT_ID, DESKTOP_SECRET_NAME, IAP_CLIENT_ID, PROJECT, EmulatorState,
+)
+from iapd.fsutil import atomic_write
+
+
+def _toml_str(value: str) -> str:
+    return json.dumps(value)  # a JSON string is a valid TOML basic string
+
+
+def write_demo_files(config_path: Path, state: EmulatorState, urls: dict[str, str]) -> Path:
+    folder = config_path.parent
+    folder.mkdir(parents=True, exist_ok=True)
+    adc_path = folder / "emulator-adc.json"
+    key_path = folder / "emulator-sa-key.json"
+
+    adc = {"type": "authorized_user", "client_id": ADC_CLIENT_ID, "client_secret": state.clients[ADC_CLIENT_ID].secret,
+           "refresh_token": state.issue_refresh_token(ADC_CLIENT_ID, state.user_email, "https://www.googleapis.com/auth/cloud-platform"),
+           "token_uri": urls["token_url"], "quota_project_id": PROJECT}
+    atomic_write(adc_path, json.dumps(adc, indent=2).encode())
+
+    sa = state.service_accounts[DEMO_SA_EMAIL]
+    key = {"type": "service_account", "project_id": PROJECT, "private_key_id": sa.key.kid,
+           "private_key": sa.key.private_pem, "client_email": sa.email, "client_id": sa.unique_id,
+           "auth_uri": urls["oauth_auth_url"], "token_uri": urls["token_url"]}
+    atomic_write(key_path, json.dumps(key, indent=2).encode())
+
+    lines = [
+        "# Written by `iapd emulator --write-config`: every endpoint points at the emulator.",
+        "# The credentials below are valid only while that emulator process runs.",
+        "",
+        "[endpoints]",
+        *(f"{key} = {_toml_str(urls[src])}" for key, src in [
+            ("auth_url", "oauth_auth_url"), ("token_url", "token_url"), ("revoke_url", "revoke_url"),
+            ("certs_url", "certs_url"), ("secret_manager_url", "secret_manager_url"),
+            ("metadata_url", "metadata_url"), ("iam_credentials_url", "iam_credentials_url")]),
+        "",
+        "[profiles.demo-user]",
+        f"audience = {_toml_str(IAP_CLIENT_ID)}",
+        "[profiles.demo-user.user]",
+        f"client_id = {_toml_str(DESKTOP_CLIENT_ID)}",
+        f"client_secret_name = {_toml_str(DESKTOP_SECRET_NAME)}",
+        f"secret_manager_credentials = {_toml_str(str(adc_path))}",
+        "",
+        "[profiles.demo-sa]",
+        f"audience = {_toml_str(IAP_CLIENT_ID)}",
+        "[profiles.demo-sa.service_account]",
+        'kind = "key_file"',
+        f"key_file = {_toml_str(str(key_path))}",
+        "",
+    ]
+    atomic_write(config_path, "\n".join(lines).encode())
+    return config_path

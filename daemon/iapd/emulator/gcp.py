@@ -1,0 +1,128 @@
+"""Google Cloud APIs the flows touch: Secret Manager, the metadata server, IAM Credentials.
+
+They share Google's JSON error shape `{"error": {"code", "message", "status"}}` and, except the
+metadata server, a bearer access token issued by the emulated token endpoint.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+
+from aiohttp import web
+
+from iapd.crc32c import crc32c
+from iapd.emulator.oauth import STATE_KEY
+from iapd.emulator.state import METADATA_SA_EMAIL, PROJECT, PROJECT_NUMBER, EmulatorState
+
+
+def google_error(code: int, status: str, message: str) -> web.Response:
+    return web.json_response({"error": {"code": code, "message": message, "status": status}}, status=code)
+
+
+def _caller(request: web.Request) -> str | None:
+    auth = request.headers.get("Authorization", "")
+    if not auth.startswith("Bearer "):
+        return None
+    return request.app[STATE_KEY].identity_of_access_token(auth[7:].strip())
+
+
+UNAUTHENTICATED = (401, "UNAUTHENTICATED",
+                   "Request is missing required authentication credential. Expected OAuth 2 access token.")
+
+
+async def secret_access(request: web.Request) -> web.Response:
+    """GET /v1/projects/{project}/secrets/{secret}/versions/{version}:access"""
+    state: EmulatorState = request.app[STATE_KEY]
+    if _caller(request) is None:
+        return google_error(*UNAUTHENTICATED)
+    project, secret, version = (request.match_info[k] for k in ("project", "secret", "version"))
+    if project not in (PROJECT, PROJECT_NUMBER):
+        return google_error(403, "PERMISSION_DENIED", f"Permission denied on project {project}.")
+    payload = state.secrets.get(f"projects/{PROJECT}/secrets/{secret}")
+    if payload is None or version not in ("latest", "1"):
+        return google_error(404, "NOT_FOUND", f"Secret [projects/{PROJECT_NUMBER}/secrets/{secret}] not found or has no versions.")
+    state.counters["secret_access"] += 1
+    return web.json_response({
+        # Google answers with the project *number* and the resolved version, whatever was asked.
+        "name": f"projects/{PROJECT_NUMBER}/secrets/{secret}/versions/1",
+        "payload": {"data": base64.b64encode(payload).decode(), "dataCrc32c": str(crc32c(payload))},
+    })
+
+
+def _metadata_response(body: str, content_type: str = "application/text") -> web.Response:
+    return web.Response(text=body, content_type=content_type, headers={"Metadata-Flavor": "Google"})
+
+
+@web.middleware
+async def metadata_flavor(request: web.Request, handler):
+    """The metadata server refuses requests without `Metadata-Flavor: Google` (SSRF defence)."""
+    if request.path.startswith("/computeMetadata/") and request.headers.get("Metadata-Flavor") != "Google":
+        return web.Response(status=403, text="Missing required header: Metadata-Flavor\n",
+                            headers={"Metadata-Flavor": "Google"})
+    return await handler(request)
+
+
+async def metadata_root(request: web.Request) -> web.Response:
+    return _metadata_response("computeMetadata/\n")
+
+
+async def metadata_identity(request: web.Request) -> web.Response:
+    state: EmulatorState = request.app[STATE_KEY]
+    audience = request.query.get("audience")
+    if not audience:
+        return web.Response(status=400, text="non-empty audience parameter required\n",
+                            headers={"Metadata-Flavor": "Google"})
+    sa = state.service_accounts[METADATA_SA_EMAIL]
+    extra = None
+    if request.query.get("format") == "full":
+        extra = {"google": {"compute_engine": {"project_id": PROJECT, "project_number": int(PROJECT_NUMBER),
+                                               "zone": "europe-west1-b", "instance_name": "iapd-emulator"}}}
+    state.counters[f"metadata_identity:{audience}"] += 1
+    return _metadata_response(state.sa_id_token(sa, audience, extra=extra))
+
+
+async def metadata_email(request: web.Request) -> web.Response:
+    return _metadata_response(METADATA_SA_EMAIL)
+
+
+async def metadata_sa_info(request: web.Request) -> web.Response:
+    info = {"aliases": ["default"], "email": METADATA_SA_EMAIL,
+            "scopes": ["https://www.googleapis.com/auth/cloud-platform"]}
+    return _metadata_response(json.dumps(info), "application/json")
+
+
+async def metadata_token(request: web.Request) -> web.Response:
+    state: EmulatorState = request.app[STATE_KEY]
+    body = {"access_token": state.issue_access_token(METADATA_SA_EMAIL),
+            "expires_in": state.token_lifetime, "token_type": "Bearer"}
+    return _metadata_response(json.dumps(body), "application/json")
+
+
+async def generate_id_token(request: web.Request) -> web.Response:
+    """POST /v1/projects/-/serviceAccounts/{sa}:generateIdToken (IAM Credentials)."""
+    state: EmulatorState = request.app[STATE_KEY]
+    caller = _caller(request)
+    if caller is None:
+        return google_error(*UNAUTHENTICATED)
+    try:
+        body = await request.json()
+        audience = body["audience"]
+        delegates = [d.removeprefix("projects/-/serviceAccounts/") for d in body.get("delegates", [])]
+        include_email = bool(body.get("includeEmail", False))
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return google_error(400, "INVALID_ARGUMENT", "Request contains an invalid argument.")
+    target_email = request.match_info["sa"]
+    chain = [*delegates, target_email]
+    for hop in chain:
+        if hop not in state.service_accounts:
+            return google_error(404, "NOT_FOUND", f"Not found; Gaia id not found for email {hop}")
+    # Each hop must be allowed to act as the next: caller → delegates… → target.
+    actor = caller
+    for hop in chain:
+        if actor not in state.impersonators.get(hop, set()):
+            return google_error(403, "PERMISSION_DENIED",
+                                "Permission 'iam.serviceAccounts.getOpenIdToken' denied on resource (or it may not exist).")
+        actor = hop
+    state.counters[f"generate_id_token:{audience}"] += 1
+    return web.json_response({"token": state.sa_id_token(state.service_accounts[target_email], audience, include_email)})

@@ -1,0 +1,170 @@
+"""Everything the emulated Google remembers: clients, grants, service accounts, secrets,
+and the knobs tests turn (token lifetime, clock offset, injected faults, call counters).
+
+In memory only: a restarted emulator has forgotten every grant, like a Google project that was
+deleted and created again. `--write-config` writes the credentials that go with *this* run.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections import Counter, deque
+from dataclasses import dataclass, field
+
+from iapd.emulator.keys import SigningKey
+
+ISSUER = "https://accounts.google.com"
+PROJECT = "iapd-demo"
+PROJECT_NUMBER = "123456789012"
+DESKTOP_CLIENT_ID = f"{PROJECT_NUMBER}-desktop.apps.googleusercontent.com"
+IAP_CLIENT_ID = f"{PROJECT_NUMBER}-iap.apps.googleusercontent.com"
+# The client gcloud uses for application-default credentials (an `authorized_user` file).
+ADC_CLIENT_ID = f"{PROJECT_NUMBER}-adc.apps.googleusercontent.com"
+DESKTOP_SECRET_NAME = f"projects/{PROJECT}/secrets/iap-desktop-client-secret/versions/latest"
+DEMO_SA_EMAIL = f"demo-ci@{PROJECT}.iam.gserviceaccount.com"
+DEPLOYER_SA_EMAIL = f"deployer@{PROJECT}.iam.gserviceaccount.com"
+METADATA_SA_EMAIL = f"{PROJECT_NUMBER}-compute@developer.gserviceaccount.com"
+
+FAULT_KINDS = {"500", "503", "429", "invalid_grant", "invalid_rapt", "delay", "drop"}
+
+
+@dataclass
+class OAuthClient:
+    client_id: str
+    secret: str
+    desktop: bool  # desktop ("installed") clients may use loopback redirects
+
+
+@dataclass
+class CodeGrant:
+    client_id: str
+    redirect_uri: str
+    challenge: str | None
+    method: str
+    email: str
+    scope: str
+    expires: float
+
+
+@dataclass
+class RefreshGrant:
+    client_id: str
+    email: str
+    scope: str
+
+
+@dataclass
+class ServiceAccount:
+    email: str
+    unique_id: str
+    key: SigningKey
+
+
+@dataclass
+class Fault:
+    kind: str
+    delay: float = 0.0
+
+
+@dataclass
+class EmulatorState:
+    user_email: str = "demo@example.com"
+    token_lifetime: int = 3600
+    clock_offset: float = 0.0
+    approve: str = "auto"  # auto | consent | deny
+    rotate_refresh_tokens: bool = False
+    signing_key: SigningKey = field(default_factory=SigningKey.generate)
+    clients: dict[str, OAuthClient] = field(default_factory=dict)
+    allowlisted_clients: set[str] = field(default_factory=set)
+    codes: dict[str, CodeGrant] = field(default_factory=dict)
+    refresh_tokens: dict[str, RefreshGrant] = field(default_factory=dict)
+    access_tokens: dict[str, tuple[str, float]] = field(default_factory=dict)  # token -> (email, exp)
+    service_accounts: dict[str, ServiceAccount] = field(default_factory=dict)
+    # target service account -> identities allowed to call generateIdToken for it
+    impersonators: dict[str, set[str]] = field(default_factory=dict)
+    secrets: dict[str, bytes] = field(default_factory=dict)
+    faults: dict[str, deque[Fault]] = field(default_factory=dict)
+    counters: Counter = field(default_factory=Counter)
+
+    def now(self) -> float:
+        """The emulated Google's clock (tests skew it with `clock_offset`)."""
+        return time.time() + self.clock_offset
+
+    @classmethod
+    def demo(cls, user_email: str = "demo@example.com", token_lifetime: int = 3600) -> "EmulatorState":
+        """A project with a desktop client, an IAP client, a secret and service accounts."""
+        state = cls(user_email=user_email, token_lifetime=token_lifetime)
+        desktop = OAuthClient(DESKTOP_CLIENT_ID, "GOCSPX-" + secrets.token_urlsafe(24), desktop=True)
+        adc = OAuthClient(ADC_CLIENT_ID, "d-" + secrets.token_urlsafe(24), desktop=True)
+        iap = OAuthClient(IAP_CLIENT_ID, "GOCSPX-" + secrets.token_urlsafe(24), desktop=False)
+        for client in (desktop, adc, iap):
+            state.clients[client.client_id] = client
+        # IAP's programmatic-access allowlist: tokens whose aud is the desktop client pass too.
+        state.allowlisted_clients.add(DESKTOP_CLIENT_ID)
+        state.secrets[DESKTOP_SECRET_NAME.rsplit("/versions/", 1)[0]] = desktop.secret.encode()
+        for email in (DEMO_SA_EMAIL, DEPLOYER_SA_EMAIL, METADATA_SA_EMAIL):
+            state.add_service_account(email)
+        state.impersonators[DEPLOYER_SA_EMAIL] = {user_email, DEMO_SA_EMAIL, METADATA_SA_EMAIL}
+        return state
+
+    def add_service_account(self, email: str) -> ServiceAccount:
+        unique_id = str(100000000000000000000 + len(self.service_accounts) + secrets.randbelow(10**9))
+        sa = ServiceAccount(email, unique_id, SigningKey.generate(email))
+        self.service_accounts[email] = sa
+        return sa
+
+    def issue_refresh_token(self, client_id: str, email: str, scope: str) -> str:
+        token = "1//" + secrets.token_urlsafe(40)
+        self.refresh_tokens[token] = RefreshGrant(client_id, email, scope)
+        return token
+
+    def issue_access_token(self, email: str) -> str:
+        token = "ya29." + secrets.token_urlsafe(48)
+        self.access_tokens[token] = (email, self.now() + self.token_lifetime)
+        return token
+
+    def identity_of_access_token(self, token: str) -> str | None:
+        entry = self.access_tokens.get(token)
+        if entry is None or entry[1] <= self.now():
+            return None
+        return entry[0]
+
+    def revoke_user(self, email: str, client_id: str = DESKTOP_CLIENT_ID) -> int:
+        """Revoke a user's grants to one client, as the user removing the app's access (or an
+        admin's policy) would. The ADC grant (another client) survives, as it does at Google."""
+        dead = [t for t, g in self.refresh_tokens.items() if g.email == email and g.client_id == client_id]
+        for token in dead:
+            del self.refresh_tokens[token]
+        return len(dead)
+
+    def id_token(self, *, aud: str, azp: str, email: str | None, sub: str, extra: dict | None = None) -> str:
+        now = int(self.now())
+        claims = {"iss": ISSUER, "azp": azp, "aud": aud, "sub": sub, "iat": now, "exp": now + self.token_lifetime}
+        if email is not None:
+            claims["email"] = email
+            claims["email_verified"] = True
+        claims.update(extra or {})
+        return self.signing_key.sign(claims)
+
+    def user_id_token(self, email: str, client_id: str, audience: str | None) -> str:
+        return self.id_token(aud=audience or client_id, azp=client_id, email=email, sub=subject_of(email))
+
+    def sa_id_token(self, sa: ServiceAccount, audience: str, include_email: bool = True, extra: dict | None = None) -> str:
+        return self.id_token(aud=audience, azp=sa.unique_id, email=sa.email if include_email else None,
+                             sub=sa.unique_id, extra=extra)
+
+    def push_fault(self, endpoint: str, kind: str, count: int = 1, delay: float = 0.0) -> None:
+        if kind not in FAULT_KINDS:
+            raise ValueError(f"unknown fault kind {kind!r}; expected one of {sorted(FAULT_KINDS)}")
+        queue = self.faults.setdefault(endpoint, deque())
+        queue.extend(Fault(kind, delay) for _ in range(count))
+
+    def pop_fault(self, endpoint: str) -> Fault | None:
+        queue = self.faults.get(endpoint)
+        return queue.popleft() if queue else None
+
+
+def subject_of(email: str) -> str:
+    """A stable numeric `sub` for a user, like Google's account id."""
+    return str(int.from_bytes(email.encode(), "big") % 10**21)
