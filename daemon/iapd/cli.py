@@ -14,12 +14,31 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     from iapd.emulator import cli as emulator_cli
 
+    serve = sub.add_parser("serve", help="run the agent on its unix socket",
+                           description="Run the agent: renew ID tokens per profile before they expire and serve "
+                                       "them on a unix socket to processes of the same user.")
+    serve.add_argument("--config", help="config file (default: $IAPD_CONFIG or $XDG_CONFIG_HOME/iapd/config.toml)")
+    serve.add_argument("--socket", help="socket path (default: $IAPD_SOCKET or $XDG_RUNTIME_DIR/iapd/iapd.sock)")
+    serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+                       help="log verbosity on stderr (default: %(default)s)")
+    serve.add_argument("--test-clock", action="store_true", help=argparse.SUPPRESS)
+    serve.set_defaults(func=_serve)
+
     emulator = sub.add_parser("emulator", help="run a local emulator of Google OAuth, Secret Manager, metadata, IAM and IAP",
                               description="Run a local emulator of the Google endpoints iapd uses, and of IAP itself. "
                                           "Prints one JSON line with its URLs when ready; stops on SIGINT/SIGTERM.")
     emulator_cli.add_arguments(emulator)
     emulator.set_defaults(func=emulator_cli.run)
     return parser
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from iapctl.paths import config_path
+    from iapd.daemon import serve, setup_logging
+    from iapd.loop import run_async
+
+    setup_logging(args.log_level)
+    return run_async(serve(args.config or config_path(), args.socket, args.test_clock))
 
 
 def main(argv: list[str] | None = None) -> int:

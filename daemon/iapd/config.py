@@ -68,24 +68,9 @@ class MetadataSource(_Strict):
     kind: Literal["metadata"]
 
 
-class ADCSource(_Strict):
-    kind: Literal["adc"]
-    credentials_file: str | None = None
-
-
-class ImpersonateSource(_Strict):
-    kind: Literal["impersonate"]
-    target: str = Field(min_length=1)
-    delegates: list[str] = []
-    # Whose credentials call generateIdToken: another profile's name (user or service account),
-    # or application-default credentials when absent.
-    via_profile: str | None = None
-    credentials_file: str | None = None
-
-
-SOURCE_KINDS = {"key_file", "metadata", "adc", "impersonate"}
+SOURCE_KINDS = {"key_file", "metadata"}
 ServiceAccountSource = Annotated[
-    Union[KeyFileSource, MetadataSource, ADCSource, ImpersonateSource], Field(discriminator="kind")
+    Union[KeyFileSource, MetadataSource], Field(discriminator="kind")
 ]
 
 

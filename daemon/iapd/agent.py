@@ -1,0 +1,175 @@
+"""The agent: profiles from the config, their token sources, the cache, logins and logouts.
+
+The server translates HTTP to these calls and nothing else; the sources know nothing of
+sockets. Data flows one way: source → cache → agent → server.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from iapd import __version__
+from iapd.cache import TokenCache
+from iapd.clock import Clock
+from iapd.config import Config, Profile
+from iapd.errors import BadRequest, UnknownProfile
+from iapd.login import LoginManager
+from iapd.sources.base import TokenSource
+from iapd.sources.service_account import build_service_account_source
+from iapd.sources.user import UserCredential
+from iapd.store import CredentialStore
+
+log = logging.getLogger("iapd.agent")
+
+
+class Agent:
+    def __init__(self, config: Config, config_path: str, store: CredentialStore, session: aiohttp.ClientSession,
+                 clock: Clock, socket_path: str) -> None:
+        self.config = config
+        self.config_path = config_path
+        self.store = store
+        self.session = session
+        self.clock = clock
+        self.socket_path = socket_path
+        self.started_wall = clock.wall()
+        self.started_mono = clock.mono()
+        self.cache = TokenCache(config.daemon, clock)
+        self.logins = LoginManager(config.endpoints.auth_url, config.daemon.login_timeout_seconds, self.cache.forget)
+        self.sources: dict[str, TokenSource] = {}
+        self._build_sources()
+
+    def _build_sources(self) -> None:
+        """One source object per credential: profiles on the same desktop client share it."""
+        by_key: dict[str, TokenSource] = {}
+        for name, profile in self.config.profiles.items():
+            source = self._source_for(name, profile)
+            self.sources[name] = by_key.setdefault(source.key, source)
+
+    def _source_for(self, name: str, profile: Profile) -> TokenSource:
+        settings = self.config.daemon
+        if profile.user is not None:
+            return UserCredential(profile.user, self.config.endpoints, self.store, self.session, self.clock,
+                                  settings.http_timeout_seconds)
+        assert profile.service_account is not None
+        return build_service_account_source(name, profile.service_account, self)
+
+    def profile(self, name: str) -> tuple[Profile, TokenSource]:
+        profile = self.config.profiles.get(name)
+        if profile is None:
+            known = ", ".join(sorted(self.config.profiles)) or "none"
+            raise UnknownProfile(f"no profile named {name!r} in {self.config_path} (profiles: {known})")
+        return profile, self.sources[name]
+
+    def user_credential(self, name: str) -> UserCredential:
+        _, source = self.profile(name)
+        if not isinstance(source, UserCredential):
+            raise BadRequest(f"profile {name!r} uses a service account; there is nothing to log in to")
+        return source
+
+    async def token(self, name: str) -> str:
+        profile, source = self.profile(name)
+        return (await self.cache.get(source, profile.audience)).value
+
+    # -- login / logout ---------------------------------------------------------------------
+
+    async def login(self, name: str) -> dict[str, Any]:
+        flow = await self.logins.start(self.user_credential(name))
+        return {"profile": name, **flow.public()}
+
+    async def login_status(self, name: str, wait: float) -> dict[str, Any]:
+        credential = self.user_credential(name)
+        return {"profile": name, **await self.logins.wait(credential.key, wait)}
+
+    async def login_complete(self, name: str, redirect_url: str) -> dict[str, Any]:
+        return {"profile": name, **await self.logins.complete(self.user_credential(name), redirect_url)}
+
+    async def logout(self, name: str | None) -> dict[str, Any]:
+        """One profile (and every profile sharing its login), or everything."""
+        if name is not None:
+            self.profile(name)
+            targets = {self.sources[name].key: self.sources[name]}
+        else:
+            targets = {source.key: source for source in self.sources.values()}
+        results = []
+        for key, source in targets.items():
+            if isinstance(source, UserCredential):
+                result = await source.logout()
+            else:
+                result = {"credential": key, "email": source.identity(), "revoked": False, "wiped": False}
+            result["profiles"] = sorted(n for n, s in self.sources.items() if s.key == key)
+            self.cache.forget(key)
+            results.append(result)
+        if name is None:
+            # Logins of profiles since removed from the config are wiped too.
+            for key in self.store.keys():
+                if key not in targets:
+                    await self.store.delete(key)
+                    results.append({"credential": key, "profiles": [], "revoked": False, "wiped": True})
+        return {"results": results}
+
+    # -- status -----------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "daemon": {
+                "version": __version__, "pid": os.getpid(), "uptime": round(self.clock.mono() - self.started_mono),
+                "socket": self.socket_path, "config": self.config_path, "store": str(self.store.path),
+            },
+            "profiles": [self._profile_status(name) for name in sorted(self.config.profiles)],
+        }
+
+    def _profile_status(self, name: str) -> dict[str, Any]:
+        profile, source = self.profile(name)
+        entry = self.cache.entries.get((source.key, profile.audience))
+        login = self.logins.result(source.key) if isinstance(source, UserCredential) else {"state": "none"}
+        out: dict[str, Any] = {
+            "name": name, "kind": source.kind, "credential": source.key, "identity": source.identity(),
+            "audience": profile.audience, "mode": "audience" if profile.audience else "allowlist",
+            "expires_in": None, "next_renewal_in": None, "refresh_count": 0,
+            "last_refresh": None, "last_error": None, "login": login["state"],
+        }
+        token = entry.token if entry else None
+        remaining = token.remaining(self.clock) if token else None
+        if isinstance(source, UserCredential) and not source.logged_in():
+            out["state"] = "login_required"
+        elif entry is not None and entry.login_required:
+            out["state"] = "login_required"
+        elif remaining is not None and remaining > entry.margin:
+            out["state"] = "ready"
+        elif entry is not None and entry.last_error is not None:
+            out["state"] = "error"
+        else:
+            out["state"] = "idle"  # nothing fetched yet: the first request will
+        if entry is not None:
+            if token is not None:
+                out["identity"] = out["identity"] or token.email
+                out["expires_in"] = round(max(remaining or 0, 0))
+            renewal = self.cache.next_renewal_in(entry)
+            out["next_renewal_in"] = None if renewal is None else round(renewal)
+            out["refresh_count"] = entry.refresh_count
+            out["last_refresh"] = {"ok": entry.last_error is None, "at": _iso(entry.last_attempt_wall)} \
+                if entry.last_attempt_wall else None
+            if entry.last_error is not None:
+                out["last_error"] = {"code": entry.last_error.code, "message": entry.last_error.message}
+        if out["state"] == "login_required" and out["last_error"] is None and isinstance(source, UserCredential):
+            record = self.store.get(source.key) or {}
+            out["last_error"] = {"code": "login_required", "message": record.get("login_reason") or "not logged in"}
+        return out
+
+
+def _iso(wall: float | None) -> str | None:
+    if wall is None:
+        return None
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(wall))
+
+
+def default_state_dir(config: Config) -> Path:
+    from iapctl.paths import state_dir
+
+    return Path(config.daemon.state_dir or state_dir())

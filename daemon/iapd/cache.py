@@ -1,0 +1,201 @@
+"""Token cache and renewal: one entry per (credential, audience), renewed *before* it expires.
+
+Policy, per token, from its own lifetime L measured on receipt:
+  * advisory window  W = clamp(max(renew_before, fraction·L), ≤ L/2), jittered down to 0.8·W:
+    a renewal starts in the background when that much is left, so requests never wait;
+  * mandatory margin M = min(margin, W/2): a token with less than M left is never served —
+    the request waits for a refresh instead (one refresh per entry, however many wait).
+Transient failures back off exponentially with jitter up to a cap while the still-valid token
+keeps being served; login-required stops all renewal of that credential until a new login.
+Entries nobody asked for in `idle_seconds` are not renewed ahead of time (on demand still).
+
+One supervisor task sleeps until the next renewal is due, but never longer than `tick_seconds`:
+timers stop while a laptop sleeps, and every wake-up (and every request) re-checks both clocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from dataclasses import dataclass, field
+
+from iapd.clock import Clock
+from iapd.config import DaemonSettings
+from iapd.errors import IapdError, LoginRequired, UpstreamUnavailable
+from iapd.jwt import fingerprint
+from iapd.sources.base import IdToken, TokenSource
+
+log = logging.getLogger("iapd.cache")
+
+
+def renewal_window(lifetime: float, settings: DaemonSettings) -> tuple[float, float]:
+    """(advisory window, mandatory margin) in seconds of remaining life."""
+    window = min(max(settings.renew_before_seconds, settings.renew_fraction * lifetime), lifetime / 2)
+    return window, min(settings.margin_seconds, window / 2)
+
+
+@dataclass
+class Entry:
+    source: TokenSource
+    audience: str | None
+    token: IdToken | None = None
+    renew_when_left: float = 0.0  # jittered advisory window of the current token
+    margin: float = 0.0
+    task: asyncio.Task | None = None
+    failures: int = 0
+    retry_at: float = 0.0  # mono clock
+    last_error: IapdError | None = None
+    last_attempt_wall: float | None = None
+    last_success_wall: float | None = None
+    refresh_count: int = 0
+    last_request_mono: float = 0.0
+    waiters: int = field(default=0)
+
+    @property
+    def login_required(self) -> bool:
+        return isinstance(self.last_error, LoginRequired)
+
+
+class TokenCache:
+    def __init__(self, settings: DaemonSettings, clock: Clock) -> None:
+        self.settings = settings
+        self.clock = clock
+        self.entries: dict[tuple[str, str | None], Entry] = {}
+        self._wake = asyncio.Event()
+        self._supervisor: asyncio.Task | None = None
+
+    # -- the request path -------------------------------------------------------------------
+
+    def entry(self, source: TokenSource, audience: str | None) -> Entry:
+        key = (source.key, audience)
+        entry = self.entries.get(key)
+        if entry is None:
+            entry = self.entries[key] = Entry(source, audience)
+            # A new entry of a credential already known to need a login inherits that state.
+            sibling = next((e for e in self.entries.values() if e.source.key == source.key and e.login_required), None)
+            if sibling is not None:
+                entry.last_error = sibling.last_error
+        elif entry.source is not source:
+            entry.source = source  # config reloaded: the same credential, a new source object
+        return entry
+
+    async def get(self, source: TokenSource, audience: str | None) -> IdToken:
+        """A token with at least the mandatory margin left; waits for a refresh only if needed."""
+        entry = self.entry(source, audience)
+        entry.last_request_mono = self.clock.mono()
+        token = entry.token
+        if token is not None and token.remaining(self.clock) > entry.margin:
+            # Even when login is required now, a still-valid token is still good at IAP: serve it.
+            if token.remaining(self.clock) <= entry.renew_when_left and entry.task is None:
+                self._wake.set()  # due: the supervisor starts the renewal, this request does not wait
+            return token
+        if entry.login_required:
+            raise entry.last_error  # type: ignore[misc]
+        if entry.task is None:
+            if entry.last_error is not None and self.clock.mono() < entry.retry_at:
+                raise entry.last_error  # backing off: fail fast instead of hammering the IdP
+            self._start(entry)
+        assert entry.task is not None
+        entry.waiters += 1
+        try:
+            return await asyncio.wait_for(asyncio.shield(entry.task), self.settings.request_timeout_seconds)
+        except asyncio.TimeoutError:
+            raise UpstreamUnavailable("the token endpoint is slow to answer; try again shortly") from None
+        finally:
+            entry.waiters -= 1
+
+    # -- refreshing -------------------------------------------------------------------------
+
+    def _start(self, entry: Entry) -> None:
+        entry.task = asyncio.create_task(self._refresh(entry))
+        # A refresh nobody awaits (background renewal) must not log "exception never retrieved".
+        entry.task.add_done_callback(lambda t: t.cancelled() or t.exception())
+
+    async def _refresh(self, entry: Entry) -> IdToken:
+        entry.last_attempt_wall = self.clock.wall()
+        try:
+            token = await entry.source.fetch(entry.audience)
+        except LoginRequired as exc:
+            log.warning("%s: login required: %s", entry.source.key, exc.message)
+            for other in self.entries.values():
+                if other.source.key == entry.source.key:
+                    other.last_error = exc  # tokens still valid keep being served until their margin
+            raise
+        except IapdError as exc:
+            entry.failures += 1
+            delay = min(self.settings.backoff_cap_seconds,
+                        self.settings.backoff_initial_seconds * 2 ** (entry.failures - 1))
+            entry.retry_at = self.clock.mono() + delay * random.uniform(0.5, 1.0)
+            entry.last_error = exc
+            left = entry.token.remaining(self.clock) if entry.token else 0
+            log.warning("%s aud=%s: refresh failed (%s), retry in ≤%.0fs; current token has %.0fs left",
+                        entry.source.key, entry.audience, exc.message, delay, max(left, 0))
+            raise
+        finally:
+            entry.task = None
+            self._wake.set()
+        window, margin = renewal_window(token.lifetime, self.settings)
+        entry.token, entry.margin = token, margin
+        entry.renew_when_left = window * random.uniform(0.8, 1.0)
+        entry.failures, entry.last_error = 0, None
+        entry.last_success_wall = self.clock.wall()
+        entry.refresh_count += 1
+        log.info("%s aud=%s: new token %s, lifetime %.0fs, renewal when %.0fs left",
+                 entry.source.key, entry.audience, fingerprint(token.value), token.lifetime, entry.renew_when_left)
+        return token
+
+    def _idle(self, entry: Entry) -> bool:
+        return self.clock.mono() - entry.last_request_mono > self.settings.idle_seconds
+
+    def next_renewal_in(self, entry: Entry) -> float | None:
+        if entry.token is None or entry.login_required or self._idle(entry):
+            return None
+        due_in = entry.token.remaining(self.clock) - entry.renew_when_left
+        if entry.last_error is not None:
+            due_in = max(due_in, entry.retry_at - self.clock.mono())
+        return max(due_in, 0.0)
+
+    async def run(self) -> None:
+        """The supervisor: start every renewal that is due; sleep until the next one (≤ tick)."""
+        while True:
+            sleep = self.settings.tick_seconds
+            for entry in list(self.entries.values()):
+                if entry.task is not None:
+                    continue
+                due_in = self.next_renewal_in(entry)
+                if due_in is None:
+                    continue
+                if due_in <= 0:
+                    self._start(entry)
+                else:
+                    sleep = min(sleep, due_in)
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout=max(sleep, 0.05))
+            except asyncio.TimeoutError:
+                pass
+
+    def start(self) -> None:
+        self._supervisor = asyncio.create_task(self.run(), name="iapd-renewal")
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def stop(self) -> None:
+        tasks = [t for t in [self._supervisor, *(e.task for e in self.entries.values())] if t is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    # -- login and logout -------------------------------------------------------------------
+
+    def forget(self, credential_key: str) -> None:
+        """After a login or a logout: drop tokens and errors, so the next request starts fresh."""
+        for entry in self.entries.values():
+            if entry.source.key == credential_key:
+                if entry.task is not None:
+                    entry.task.cancel()
+                    entry.task = None
+                entry.token, entry.last_error, entry.failures, entry.retry_at = None, None, 0, 0.0
+        self._wake.set()

@@ -1,0 +1,77 @@
+"""`iapd serve`: put the pieces together, run until SIGTERM/SIGINT, shut down cleanly."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+
+from aiohttp import web
+
+from iapd.agent import Agent, default_state_dir
+from iapd.config import ConfigError, load_config
+from iapd.fsutil import UnsafePath
+from iapd.google_http import new_session
+from iapd.clock import Clock
+from iapd.server import MAX_HEADER_FIELD, GuardedUnixSite, bind_socket, make_app, remove_socket_if_ours
+from iapd.store import CredentialStore
+
+log = logging.getLogger("iapd")
+
+
+def setup_logging(level: str) -> None:
+    # Under systemd (JOURNAL_STREAM set) journald adds timestamps; elsewhere we do.
+    fmt = "%(levelname)s %(name)s: %(message)s"
+    if not os.environ.get("JOURNAL_STREAM"):
+        fmt = "%(asctime)s " + fmt
+    logging.basicConfig(level=level.upper(), format=fmt, stream=sys.stderr)
+    # Libraries stay at WARNING whatever our level: aiohttp's access log is noise, and google-auth
+    # and urllib3 at DEBUG log request bodies and URLs that can carry tokens and secrets.
+    for name in ("aiohttp.access", "google", "urllib3", "grpc"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+async def serve(config_path: str, socket_path: str | None, test_clock: bool = False) -> int:
+    from iapctl.paths import socket_path as default_socket_path
+
+    try:
+        config = load_config(config_path)
+    except ConfigError as exc:
+        print(f"iapd: {exc}", file=sys.stderr)
+        return 2
+    path = socket_path or os.environ.get("IAPD_SOCKET") or config.daemon.socket or default_socket_path()
+    sock = bind_socket(path)
+    inode = os.lstat(path).st_ino
+    try:
+        store = await CredentialStore.open(default_state_dir(config))
+    except (UnsafePath, OSError) as exc:
+        remove_socket_if_ours(path, inode)
+        print(f"iapd: cannot use the state directory: {exc}", file=sys.stderr)
+        return 1
+    session = new_session(config.daemon.http_timeout_seconds)
+    clock = Clock()
+    agent = Agent(config, config_path, store, session, clock, path)
+    runner = web.AppRunner(make_app(agent, test_clock), access_log=None, handle_signals=False,
+                           keepalive_timeout=15, max_line_size=MAX_HEADER_FIELD, max_field_size=MAX_HEADER_FIELD,
+                           max_headers=64)
+    await runner.setup()
+    site = GuardedUnixSite(runner, sock)
+    await site.start()
+    agent.cache.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    log.info("iapd ready on %s (%d profiles, config %s, store %s)", path, len(config.profiles), config_path, store.path)
+    try:
+        await stop.wait()
+    finally:
+        log.info("shutting down")
+        await agent.cache.stop()
+        await agent.logins.close()
+        await runner.cleanup()
+        await session.close()
+        remove_socket_if_ours(path, inode)
+    return 0

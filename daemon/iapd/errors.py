@@ -1,0 +1,54 @@
+"""What can go wrong while getting a token, as the socket API reports it.
+
+Each class carries the API's error code and HTTP status, so the server maps an exception to a
+response in one place and the client maps the code to an exit status. Messages are one line, for
+a person, and never contain a token, a refresh token or a secret.
+"""
+
+from __future__ import annotations
+
+
+class IapdError(Exception):
+    code = "internal"
+    status = 500
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class LoginRequired(IapdError):
+    """No usable refresh token: never logged in, logged out, or the grant is dead
+    (`invalid_grant`, incl. a reauthentication policy's `invalid_rapt`). Never retried."""
+
+    code = "login_required"
+    status = 401
+
+
+class UpstreamUnavailable(IapdError):
+    """Transient: 5xx, 429, timeouts, network errors. Retried with backoff."""
+
+    code = "upstream_unavailable"
+    status = 503
+
+
+class UpstreamError(IapdError):
+    """Google said no in a way retrying will not fix soon (invalid_client, permission denied)."""
+
+    code = "upstream_error"
+    status = 502
+
+
+class UnknownProfile(IapdError):
+    code = "unknown_profile"
+    status = 404
+
+
+class BadRequest(IapdError):
+    code = "bad_request"
+    status = 400
+
+
+class Conflict(IapdError):
+    code = "conflict"
+    status = 409

@@ -1,0 +1,74 @@
+"""Talking to Google's OAuth endpoints from the event loop (aiohttp, never a blocking call),
+and sorting every failure into login-required, transient or permanent."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from typing import Any
+
+import aiohttp
+
+from iapd.errors import LoginRequired, UpstreamError, UpstreamUnavailable
+
+log = logging.getLogger("iapd.google")
+
+
+def new_session(timeout: float) -> aiohttp.ClientSession:
+    # trust_env: honour HTTPS_PROXY/NO_PROXY, which corporate networks that use IAP often need.
+    return aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout), trust_env=True,
+                                 headers={"User-Agent": "iapd"})
+
+
+def _oauth_error(status: int, body: Any) -> tuple[str, str]:
+    if isinstance(body, dict):
+        error = body.get("error")
+        if isinstance(error, dict):  # Google Cloud API shape: {"error": {"status", "message"}}
+            return str(error.get("status", status)), str(error.get("message", ""))[:200]
+        return str(error or status), str(body.get("error_description") or "")[:200]
+    return str(status), ""
+
+
+async def request_json(session: aiohttp.ClientSession, method: str, url: str, *, what: str,
+                       **kwargs: Any) -> dict:
+    """One HTTP call, a JSON object back. Raises:
+    LoginRequired on `invalid_grant` (a dead grant: never retry it in a loop);
+    UpstreamUnavailable on 5xx, 429, timeouts and network errors;
+    UpstreamError on any other refusal."""
+    text = await request_text(session, method, url, what=what, **kwargs)
+    try:
+        body = json.loads(text)
+    except ValueError:
+        body = None
+    if not isinstance(body, dict):
+        raise UpstreamUnavailable(f"{what}: the answer is not a JSON object")
+    return body
+
+
+async def request_text(session: aiohttp.ClientSession, method: str, url: str, *, what: str, **kwargs: Any) -> str:
+    """One HTTP call, the body of a 2xx answer back; errors classified as for request_json."""
+    try:
+        async with session.request(method, url, **kwargs) as resp:
+            text = await resp.text()
+            status = resp.status
+    except asyncio.TimeoutError:
+        raise UpstreamUnavailable(f"{what}: timed out") from None
+    except aiohttp.ClientError as exc:
+        raise UpstreamUnavailable(f"{what}: {type(exc).__name__}: {str(exc)[:150]}") from None
+    if 200 <= status < 300:
+        return text
+    try:
+        body = json.loads(text) if text else {}
+    except ValueError:
+        body = None
+    error, description = _oauth_error(status, body)
+    detail = f"{error}" + (f" ({description})" if description else "")
+    if status >= 500 or status == 429:
+        raise UpstreamUnavailable(f"{what}: HTTP {status} {detail}")
+    if error == "invalid_grant":
+        subtype = body.get("error_subtype") if isinstance(body, dict) else None
+        if subtype == "invalid_rapt" or "invalid_rapt" in description:
+            raise LoginRequired("your organisation's reauthentication policy requires a new login (invalid_rapt)")
+        raise LoginRequired(f"the login has expired or was revoked ({description or 'invalid_grant'})")
+    raise UpstreamError(f"{what}: HTTP {status} {detail}")

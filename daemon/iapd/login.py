@@ -1,0 +1,192 @@
+"""The browser login, driven by the daemon so the client stays tiny.
+
+Authorization code flow with PKCE (S256) and `state`, redirected to a loopback listener on
+127.0.0.1 and an ephemeral port (never a fixed one: flyte-iap's fixed port 4444 let any stray
+request end or hang its login). Here a request without the right `state` and a `code` gets an
+error page and the flow goes on; the flow ends on success, on the IdP's error, or on timeout.
+
+One flow per credential (desktop client) at a time: a second login request joins it. Without a
+browser on this machine, the pasted redirect URL completes the same flow (`complete`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import html
+import logging
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import parse_qs, urlencode, urlsplit
+
+from aiohttp import web
+
+from iapd.errors import BadRequest, IapdError, UpstreamError
+from iapd.sources.user import UserCredential
+
+log = logging.getLogger("iapd.login")
+CALLBACK_PATH = "/oauth2/callback"
+
+
+def _page(title: str, text: str, status: int = 200) -> web.Response:
+    body = (f"<!DOCTYPE html><html><head><title>iapd: {html.escape(title)}</title></head>"
+            f"<body><h1>{html.escape(title)}</h1><p>{html.escape(text)}</p></body></html>")
+    return web.Response(text=body, status=status, content_type="text/html")
+
+
+@dataclass
+class LoginFlow:
+    credential: UserCredential
+    verifier: str
+    state: str
+    redirect_uri: str
+    auth_url: str
+    deadline: float  # wall clock, for reporting
+    done: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+    runner: web.AppRunner | None = None
+    finishing: bool = False
+
+    def public(self) -> dict[str, Any]:
+        return {"state": "pending", "auth_url": self.auth_url, "expires_in": max(0, round(self.deadline - time.time()))}
+
+
+class LoginManager:
+    def __init__(self, auth_url: str, timeout: float, on_login) -> None:
+        self.auth_endpoint = auth_url
+        self.timeout = timeout
+        self.on_login = on_login  # callback(credential_key) after a successful login
+        self.flows: dict[str, LoginFlow] = {}
+        self.results: dict[str, dict[str, Any]] = {}  # last outcome per credential, for polling
+
+    async def start(self, credential: UserCredential) -> LoginFlow:
+        flow = self.flows.get(credential.key)
+        if flow is not None and not flow.done.done():
+            return flow  # one browser flow per account: join the one in flight
+        # Read the client secret now, not after the user has clicked through the browser.
+        await credential.client_secret()
+        flow = await self._open(credential)
+        self.flows[credential.key] = flow
+        asyncio.get_running_loop().call_later(self.timeout, self._expire, flow)
+        log.info("%s: login started, listening on %s", credential.key, flow.redirect_uri)
+        return flow
+
+    async def _open(self, credential: UserCredential) -> LoginFlow:
+        verifier = secrets.token_urlsafe(64)
+        challenge = base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest()).rstrip(b"=").decode()
+        state = secrets.token_urlsafe(24)
+        flow: LoginFlow | None = None
+
+        async def callback(request: web.Request) -> web.Response:
+            if flow is None:  # a request raced the set-up; nothing to do yet
+                return _page("Not ready", "The login is still starting; try again.", 503)
+            return await self._callback(flow, request)
+
+        app = web.Application(client_max_size=16 * 1024)
+        app.router.add_route("*", "/{tail:.*}", callback)
+        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        redirect_uri = f"http://127.0.0.1:{port}{CALLBACK_PATH}"
+        query = urlencode({
+            "client_id": credential.config.client_id, "redirect_uri": redirect_uri, "response_type": "code",
+            "scope": "openid email", "state": state, "code_challenge": challenge, "code_challenge_method": "S256",
+            # offline + consent: Google returns a refresh token only then.
+            "access_type": "offline", "prompt": "consent",
+        })
+        flow = LoginFlow(credential, verifier, state, redirect_uri, f"{self.auth_endpoint}?{query}",
+                         time.time() + self.timeout, runner=runner)
+        return flow
+
+    async def _callback(self, flow: LoginFlow, request: web.Request) -> web.Response:
+        if request.method != "GET" or request.path != CALLBACK_PATH:
+            return _page("Not found", "This is iapd's login listener; there is nothing here.", 404)
+        outcome = await self._finish(flow, dict(request.query))
+        if outcome is None:
+            return _page("Not this login", "This request does not belong to the login in progress; it goes on.", 400)
+        if isinstance(outcome, IapdError):
+            return _page("Login failed", outcome.message, 400)
+        return _page("Logged in", f"iapd is logged in as {outcome}. You can close this tab.")
+
+    async def complete(self, credential: UserCredential, redirect_url: str) -> dict[str, Any]:
+        """--no-browser: the user pastes the URL the browser was redirected to."""
+        flow = self.flows.get(credential.key)
+        if flow is None or flow.done.done():
+            raise BadRequest("no login in progress for this profile; start one with `iapctl login`")
+        parts = urlsplit(redirect_url.strip())
+        params = {k: v[0] for k, v in parse_qs(parts.query).items()}
+        outcome = await self._finish(flow, params)
+        if outcome is None:
+            raise BadRequest("that URL does not belong to the login in progress (wrong or missing state/code)")
+        return self.result(credential.key)
+
+    async def _finish(self, flow: LoginFlow, params: dict[str, str]) -> str | IapdError | None:
+        """Returns the email on success, the error if the flow failed, None if `params` is stray."""
+        if params.get("state") != flow.state or flow.done.done() or flow.finishing:
+            return None
+        if "error" in params:
+            err = UpstreamError(f"the login was refused: {params['error']} {params.get('error_description', '')}".strip())
+            self._settle(flow, err)
+            return err
+        if not params.get("code"):
+            return None
+        flow.finishing = True  # a code is single-use: a second callback with it is stray
+        try:
+            email = await flow.credential.exchange_code(params["code"], flow.redirect_uri, flow.verifier)
+        except IapdError as exc:
+            self._settle(flow, exc)
+            return exc
+        self._settle(flow, email)
+        self.on_login(flow.credential.key)
+        log.info("%s: logged in as %s", flow.credential.key, email)
+        return email
+
+    def _settle(self, flow: LoginFlow, outcome: str | IapdError) -> None:
+        if flow.done.done():
+            return
+        if isinstance(outcome, IapdError):
+            self.results[flow.credential.key] = {"state": "failed", "error": outcome.code, "message": outcome.message}
+            flow.done.set_exception(outcome)
+            flow.done.exception()  # mark retrieved: pollers may never come
+        else:
+            self.results[flow.credential.key] = {"state": "done", "email": outcome}
+            flow.done.set_result(outcome)
+        # Close the listener after this response has been sent.
+        asyncio.get_running_loop().call_later(0.5, lambda: asyncio.ensure_future(self._close(flow)))
+
+    def _expire(self, flow: LoginFlow) -> None:
+        if not flow.done.done():
+            log.warning("%s: login timed out after %.0fs", flow.credential.key, self.timeout)
+            self._settle(flow, BadRequest(f"the login was not completed within {self.timeout:.0f}s"))
+
+    async def _close(self, flow: LoginFlow) -> None:
+        if flow.runner is not None:
+            runner, flow.runner = flow.runner, None
+            await runner.cleanup()
+        if self.flows.get(flow.credential.key) is flow:
+            del self.flows[flow.credential.key]
+
+    def result(self, key: str) -> dict[str, Any]:
+        flow = self.flows.get(key)
+        if flow is not None and not flow.done.done():
+            return flow.public()
+        return self.results.get(key, {"state": "none"})
+
+    async def wait(self, key: str, timeout: float) -> dict[str, Any]:
+        flow = self.flows.get(key)
+        if flow is not None and not flow.done.done():
+            try:
+                await asyncio.wait_for(asyncio.shield(flow.done), timeout)
+            except (asyncio.TimeoutError, IapdError):
+                pass
+        return self.result(key)
+
+    async def close(self) -> None:
+        for flow in list(self.flows.values()):
+            if not flow.done.done():
+                flow.done.cancel()
+            await self._close(flow)

@@ -1,0 +1,1 @@
+"""Token sources: where ID tokens come from (a user's refresh token, service accounts)."""

@@ -1,0 +1,119 @@
+"""A person's credential: a desktop OAuth client and the refresh token from their login.
+
+ID token for an audience = `grant_type=refresh_token` with `audience=<IAP client id>` (or no
+audience in allowlist mode, where `aud` is the desktop client id itself).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import aiohttp
+
+from iapd.clock import Clock
+from iapd.config import Endpoints, UserSource as UserConfig
+from iapd.errors import IapdError, LoginRequired, UpstreamError
+from iapd.google_http import request_json
+from iapd.jwt import MalformedToken, unverified_claims
+from iapd.secret_manager import read_secret
+from iapd.sources.base import IdToken
+from iapd.store import CredentialStore
+
+
+class UserCredential:
+    kind = "user"
+
+    def __init__(self, config: UserConfig, endpoints: Endpoints, store: CredentialStore,
+                 session: aiohttp.ClientSession, clock: Clock, http_timeout: float) -> None:
+        self.config = config
+        self.endpoints = endpoints
+        self.store = store
+        self.session = session
+        self.clock = clock
+        self.http_timeout = http_timeout
+        self.key = f"user:{config.client_id}"
+        self._secret_lock = asyncio.Lock()
+
+    def identity(self) -> str | None:
+        record = self.store.get(self.key)
+        return record.get("email") if record else None
+
+    def logged_in(self) -> bool:
+        record = self.store.get(self.key)
+        return bool(record and record.get("refresh_token"))
+
+    async def client_secret(self) -> str:
+        """From the config, else from the store, else read once from Secret Manager (one read at
+        a time, whoever asks) and kept in the store beside the refresh token."""
+        if self.config.client_secret is not None:
+            return self.config.client_secret
+        async with self._secret_lock:
+            record = self.store.get(self.key) or {}
+            if record.get("client_secret") and record.get("client_secret_name") == self.config.client_secret_name:
+                return record["client_secret"]
+            assert self.config.client_secret_name is not None
+            secret = await read_secret(self.config.client_secret_name, self.config.secret_manager_credentials,
+                                       self.endpoints, self.http_timeout)
+            if record:  # keep it with the refresh token; before a login, the login saves it
+                await self.store.update(self.key, client_secret=secret,
+                                        client_secret_name=self.config.client_secret_name)
+            return secret
+
+    async def fetch(self, audience: str | None) -> IdToken:
+        record = self.store.get(self.key)
+        if not record or not record.get("refresh_token"):
+            raise LoginRequired((record or {}).get("login_reason") or "not logged in")
+        data = {"grant_type": "refresh_token", "client_id": self.config.client_id,
+                "client_secret": await self.client_secret(), "refresh_token": record["refresh_token"]}
+        if audience:
+            data["audience"] = audience
+        try:
+            body = await request_json(self.session, "POST", self.endpoints.token_url, data=data,
+                                      what="refreshing the ID token")
+        except LoginRequired as exc:
+            # The grant is dead: drop it (and never try it again); status still shows who it was.
+            await self.store.update(self.key, refresh_token=None, login_reason=exc.message)
+            raise
+        if body.get("refresh_token") and body["refresh_token"] != record["refresh_token"]:
+            # Rotation (not Google's habit, but OAuth allows it): the old one may be dead now,
+            # so the new one must be on disk before we use the token it came with.
+            await self.store.update(self.key, refresh_token=body["refresh_token"])
+        if not isinstance(body.get("id_token"), str):
+            raise UpstreamError("the token endpoint returned no id_token (is `openid` in the login's scope?)")
+        return IdToken.received(body["id_token"], self.clock)
+
+    async def exchange_code(self, code: str, redirect_uri: str, verifier: str) -> str:
+        """Finish a login: code → refresh token, saved. Returns the email that logged in."""
+        secret = await self.client_secret()
+        body = await request_json(self.session, "POST", self.endpoints.token_url, what="completing the login", data={
+            "grant_type": "authorization_code", "code": code, "redirect_uri": redirect_uri,
+            "client_id": self.config.client_id, "client_secret": secret, "code_verifier": verifier})
+        if not body.get("refresh_token"):
+            raise UpstreamError("Google returned no refresh token (the login must ask for offline access)")
+        try:
+            email = unverified_claims(body.get("id_token", "")).get("email")
+        except MalformedToken:
+            email = None
+        record: dict[str, Any] = {"refresh_token": body["refresh_token"], "email": email,
+                                  "client_id": self.config.client_id}
+        if self.config.client_secret_name:
+            record.update(client_secret=secret, client_secret_name=self.config.client_secret_name)
+        await self.store.put(self.key, record)
+        return email or "(unknown account)"
+
+    async def logout(self) -> dict[str, Any]:
+        """Revoke at Google (best effort, reported), then wipe the store entry."""
+        record = self.store.get(self.key)
+        result: dict[str, Any] = {"credential": self.key, "email": record.get("email") if record else None,
+                                  "revoked": False, "wiped": False}
+        if record and record.get("refresh_token"):
+            try:
+                await request_json(self.session, "POST", self.endpoints.revoke_url, what="revoking the login",
+                                   data={"token": record["refresh_token"]})
+                result["revoked"] = True
+            except IapdError as exc:
+                # Best effort: already dead, refused or unreachable — the wipe happens regardless.
+                result["revoke_error"] = exc.message
+        result["wiped"] = await self.store.delete(self.key)
+        return result
