@@ -4,6 +4,7 @@ tests) `iapd serve` as a subprocess on a real unix socket."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import urllib.request
@@ -100,3 +101,110 @@ def _isolated_home(tmp_path, monkeypatch):
     monkeypatch.delenv("IAPD_SOCKET", raising=False)
     monkeypatch.delenv("GOOGLE_APPLICATION_CREDENTIALS", raising=False)
     monkeypatch.delenv("BROWSER", raising=False)
+
+
+# -- the daemon ---------------------------------------------------------------------------------
+
+from iapctl import wire  # noqa: E402  (stdlib-only client transport, the same one iapctl uses)
+
+
+class DaemonProcess:
+    """A running `iapd serve` on its own socket, config and state directory."""
+
+    def __init__(self, folder: Path, config_path: Path, daemon_settings: str = "", env: dict | None = None) -> None:
+        self.folder = folder
+        self.socket = str(folder / "run" / "iapd.sock")
+        self.state_dir = folder / "state"
+        self.config = folder / "iapd.toml"
+        text = config_path.read_text()
+        settings = f'state_dir = "{self.state_dir}"\n{daemon_settings}'
+        self.config.write_text(f"[daemon]\n{settings}\n{text}" if "[daemon]" not in text
+                               else text.replace("[daemon]\n", f"[daemon]\n{settings}\n", 1))
+        self.log_path = folder / "iapd.log"
+        self.env = {**os.environ, "IAPD_CONFIG": str(self.config), "IAPD_SOCKET": self.socket, **(env or {})}
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, expect_ready: bool = True) -> "DaemonProcess":
+        import socket as socket_mod
+
+        notify_path = str(self.folder / f"notify-{os.getpid()}.sock")
+        if os.path.exists(notify_path):
+            os.unlink(notify_path)
+        listener = socket_mod.socket(socket_mod.AF_UNIX, socket_mod.SOCK_DGRAM)
+        listener.bind(notify_path)
+        listener.settimeout(30)
+        try:
+            log = open(self.log_path, "a")
+            self.proc = subprocess.Popen([sys.executable, "-m", "iapd", "serve", "--test-clock", "--log-level", "debug"],
+                                         env={**self.env, "NOTIFY_SOCKET": notify_path}, stdout=log, stderr=log,
+                                         stdin=subprocess.DEVNULL)
+            log.close()
+            if expect_ready:
+                # The daemon says READY=1 on NOTIFY_SOCKET (as to systemd): no polling needed.
+                message = listener.recv(4096).decode()
+                assert "READY=1" in message, message
+        finally:
+            listener.close()
+            os.unlink(notify_path)
+        return self
+
+    def request(self, method: str, target: str, body: dict | None = None, timeout: float = 30) -> wire.Response:
+        data = json.dumps(body).encode() if body is not None else None
+        return wire.request(self.socket, method, target, data, timeout=timeout)
+
+    def token(self, profile: str) -> str:
+        resp = self.request("GET", f"/v1/token/{profile}")
+        assert resp.status == 200, resp.body
+        return resp.body.decode()
+
+    def status(self) -> dict:
+        return self.request("GET", "/v1/status").json()
+
+    def profile_status(self, name: str) -> dict:
+        return next(p for p in self.status()["profiles"] if p["name"] == name)
+
+    def set_clock(self, wall_offset: float) -> None:
+        assert self.request("POST", "/v1/test/clock", {"wall_offset": wall_offset}).status == 200
+
+    def login(self, profile: str = "demo-user") -> dict:
+        """Start a login, let a 'browser' (curl following redirects) complete it, wait for it."""
+        started = self.request("POST", f"/v1/login/{profile}").json()
+        assert started["state"] == "pending", started
+        browse(started["auth_url"])
+        return self.request("GET", f"/v1/login/{profile}?wait=20").json()
+
+    def logs(self) -> str:
+        return self.log_path.read_text() if self.log_path.exists() else ""
+
+    def stop(self) -> int:
+        assert self.proc is not None
+        stop_process(self.proc)
+        return self.proc.returncode
+
+
+def browse(url: str) -> None:
+    """What `BROWSER='curl -sSL -o /dev/null %s'` does: follow redirects to the loopback listener."""
+    subprocess.run(["curl", "-sSL", "-o", "/dev/null", url], check=True, timeout=30)
+
+
+@pytest.fixture
+def daemon_factory(tmp_path, emulator):
+    started: list[DaemonProcess] = []
+
+    def make(daemon_settings: str = "", name: str = "d", config: Path | None = None, start: bool = True,
+             env: dict | None = None) -> DaemonProcess:
+        folder = tmp_path / name
+        folder.mkdir(exist_ok=True)
+        daemon = DaemonProcess(folder, config or emulator.config_path, daemon_settings, env)
+        started.append(daemon)
+        return daemon.start() if start else daemon
+
+    yield make
+    for daemon in started:
+        if daemon.proc is not None:
+            stop_process(daemon.proc)
+
+
+@pytest.fixture
+def daemon(daemon_factory) -> DaemonProcess:
+    return daemon_factory()

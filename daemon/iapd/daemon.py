@@ -9,6 +9,7 @@ import signal
 import sys
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from iapd.agent import Agent, default_state_dir
 from iapd.config import ConfigError, load_config
@@ -16,9 +17,22 @@ from iapd.fsutil import UnsafePath
 from iapd.google_http import new_session
 from iapd.clock import Clock
 from iapd.server import MAX_HEADER_FIELD, GuardedUnixSite, bind_socket, make_app, remove_socket_if_ours
+from iapd.notify import notify
 from iapd.store import CredentialStore
 
 log = logging.getLogger("iapd")
+
+
+class MalformedRequestFilter(logging.Filter):
+    """aiohttp logs a malformed request with a traceback (whose text quotes the raw bytes — which
+    could be anything a confused client sent). Make it one line naming the kind of error."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError):
+            record.msg, record.args, record.exc_info = "rejected a malformed request (%s)", (type(exc).__name__,), None
+            record.levelno, record.levelname = logging.INFO, "INFO"
+        return True
 
 
 def setup_logging(level: str) -> None:
@@ -31,6 +45,7 @@ def setup_logging(level: str) -> None:
     # and urllib3 at DEBUG log request bodies and URLs that can carry tokens and secrets.
     for name in ("aiohttp.access", "google", "urllib3", "grpc"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    logging.getLogger("aiohttp.server").addFilter(MalformedRequestFilter())
 
 
 async def serve(config_path: str, socket_path: str | None, test_clock: bool = False) -> int:
@@ -64,11 +79,13 @@ async def serve(config_path: str, socket_path: str | None, test_clock: bool = Fa
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    notify(f"READY=1\nMAINPID={os.getpid()}\nSTATUS=serving {len(config.profiles)} profiles on {path}")
     log.info("iapd ready on %s (%d profiles, config %s, store %s)", path, len(config.profiles), config_path, store.path)
     try:
         await stop.wait()
     finally:
         log.info("shutting down")
+        notify("STOPPING=1")
         await agent.cache.stop()
         await agent.logins.close()
         await runner.cleanup()

@@ -34,6 +34,7 @@ class UserCredential:
         self.http_timeout = http_timeout
         self.key = f"user:{config.client_id}"
         self._secret_lock = asyncio.Lock()
+        self._secret: str | None = None  # read from Secret Manager, before the store has a record
 
     def identity(self) -> str | None:
         record = self.store.get(self.key)
@@ -52,8 +53,10 @@ class UserCredential:
             record = self.store.get(self.key) or {}
             if record.get("client_secret") and record.get("client_secret_name") == self.config.client_secret_name:
                 return record["client_secret"]
+            if self._secret is not None:
+                return self._secret
             assert self.config.client_secret_name is not None
-            secret = await read_secret(self.config.client_secret_name, self.config.secret_manager_credentials,
+            secret = self._secret = await read_secret(self.config.client_secret_name, self.config.secret_manager_credentials,
                                        self.endpoints, self.http_timeout)
             if record:  # keep it with the refresh token; before a login, the login saves it
                 await self.store.update(self.key, client_secret=secret,
