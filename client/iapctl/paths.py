@@ -4,8 +4,6 @@ Standard library only (the client imports it on its hot path). Both commands hon
 ``IAPD_CONFIG`` and ``IAPD_SOCKET``; everything else follows the XDG base directory spec.
 """
 
-from __future__ import annotations
-
 import os
 
 APP = "iapd"

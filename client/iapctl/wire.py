@@ -6,8 +6,6 @@ email and more, which would cost more than the whole rest of `iapctl token` (mea
 close`, read to EOF, split head from body.
 """
 
-from __future__ import annotations
-
 import _socket
 
 # Connect fails fast (a missing or dead socket refuses at once); the overall deadline bounds a

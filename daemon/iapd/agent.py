@@ -6,6 +6,8 @@ sockets. Data flows one way: source → cache → agent → server.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import time
@@ -13,12 +15,13 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+from pydantic import ValidationError
 
 from iapd import __version__
 from iapd.cache import TokenCache
 from iapd.clock import Clock
 from iapd.config import Config, Profile
-from iapd.errors import BadRequest, UnknownProfile
+from iapd.errors import BadRequest, LoginRequired, UnknownProfile
 from iapd.login import LoginManager
 from iapd.sources.base import TokenSource
 from iapd.sources.service_account import build_service_account_source
@@ -41,15 +44,35 @@ class Agent:
         self.started_mono = clock.mono()
         self.cache = TokenCache(config.daemon, clock)
         self.logins = LoginManager(config.endpoints.auth_url, config.daemon.login_timeout_seconds, self.cache.forget)
+        self.profiles: dict[str, Profile] = {}
         self.sources: dict[str, TokenSource] = {}
-        self._build_sources()
+        self.adhoc: set[str] = set()
+        for name, profile in config.profiles.items():
+            self._add_profile(name, profile)
 
-    def _build_sources(self) -> None:
+    def _add_profile(self, name: str, profile: Profile) -> None:
         """One source object per credential: profiles on the same desktop client share it."""
-        by_key: dict[str, TokenSource] = {}
-        for name, profile in self.config.profiles.items():
-            source = self._source_for(name, profile)
-            self.sources[name] = by_key.setdefault(source.key, source)
+        source = self._source_for(name, profile)
+        shared = next((s for s in self.sources.values() if s.key == source.key), None)
+        self.profiles[name] = profile
+        self.sources[name] = shared or source
+
+    def add_adhoc_profile(self, definition: dict[str, Any]) -> str:
+        """Register a profile given by a client (flyte-iap's flags), named by its content, so the
+        same flags always land on the same profile, cache entry and login."""
+        try:
+            profile = Profile.model_validate(definition)
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            where = ".".join(str(p) for p in err["loc"]) or "profile"
+            raise BadRequest(f"invalid ad-hoc profile: {where}: {err['msg']}") from None
+        canonical = json.dumps(profile.model_dump(mode="json"), sort_keys=True)
+        name = "adhoc-" + hashlib.sha256(canonical.encode()).hexdigest()[:10]
+        if name not in self.profiles:
+            self._add_profile(name, profile)
+            self.adhoc.add(name)
+            log.info("registered ad-hoc profile %s", name)
+        return name
 
     def _source_for(self, name: str, profile: Profile) -> TokenSource:
         settings = self.config.daemon
@@ -60,7 +83,7 @@ class Agent:
         return build_service_account_source(name, profile.service_account, self)
 
     def profile(self, name: str) -> tuple[Profile, TokenSource]:
-        profile = self.config.profiles.get(name)
+        profile = self.profiles.get(name)
         if profile is None:
             known = ", ".join(sorted(self.config.profiles)) or "none"
             raise UnknownProfile(f"no profile named {name!r} in {self.config_path} (profiles: {known})")
@@ -72,15 +95,28 @@ class Agent:
             raise BadRequest(f"profile {name!r} uses a service account; there is nothing to log in to")
         return source
 
+    def cached_token(self, name: str) -> str | None:
+        """A token servable right now without waiting, or None (then ask `token`)."""
+        profile = self.profiles.get(name)
+        if profile is None:
+            return None
+        token = self.cache.peek(self.sources[name], profile.audience)
+        return token.value if token is not None else None
+
     async def token(self, name: str) -> str:
         profile, source = self.profile(name)
-        return (await self.cache.get(source, profile.audience)).value
+        try:
+            return (await self.cache.get(source, profile.audience)).value
+        except LoginRequired as exc:
+            # The client needs the profile (ad-hoc ones have generated names) and whether it may
+            # start a login by itself.
+            raise exc.with_extra(profile=name, auto_login=self.config.client.auto_login) from None
 
     # -- login / logout ---------------------------------------------------------------------
 
     async def login(self, name: str) -> dict[str, Any]:
-        flow = await self.logins.start(self.user_credential(name))
-        return {"profile": name, **flow.public()}
+        flow, joined = await self.logins.start(self.user_credential(name))
+        return {"profile": name, "joined": joined, **flow.public()}
 
     async def login_status(self, name: str, wait: float) -> dict[str, Any]:
         credential = self.user_credential(name)
@@ -121,7 +157,7 @@ class Agent:
                 "version": __version__, "pid": os.getpid(), "uptime": round(self.clock.mono() - self.started_mono),
                 "socket": self.socket_path, "config": self.config_path, "store": str(self.store.path),
             },
-            "profiles": [self._profile_status(name) for name in sorted(self.config.profiles)],
+            "profiles": [self._profile_status(name) for name in sorted(self.profiles)],
         }
 
     def _profile_status(self, name: str) -> dict[str, Any]:
@@ -129,7 +165,7 @@ class Agent:
         entry = self.cache.entries.get((source.key, profile.audience))
         login = self.logins.result(source.key) if isinstance(source, UserCredential) else {"state": "none"}
         out: dict[str, Any] = {
-            "name": name, "kind": source.kind, "credential": source.key, "identity": source.identity(),
+            "name": name, "adhoc": name in self.adhoc, "kind": source.kind, "credential": source.key, "identity": source.identity(),
             "audience": profile.audience, "mode": "audience" if profile.audience else "allowlist",
             "expires_in": None, "next_renewal_in": None, "refresh_count": 0,
             "last_refresh": None, "last_error": None, "login": login["state"],

@@ -106,13 +106,22 @@ class DaemonSettings(_Strict):
     login_timeout_seconds: float = Field(default=300, gt=0)
     # How long a token request may wait for a refresh before it answers "upstream failure".
     request_timeout_seconds: float = Field(default=20, gt=0)
+    http_timeout_seconds: float = Field(default=15, gt=0)
+
+
+class ClientSettings(_Strict):
+    """What `iapctl` may do on its own. Both also have environment switches (IAPD_AUTOSTART=0,
+    IAPD_AUTO_LOGIN=0), which win."""
+
+    # Start `iapd serve` in the background when nothing answers and no service manager owns it.
+    autostart: bool = True
     # Let `iapctl token` open a browser when login is required (only where a person can see it).
     auto_login: bool = True
-    http_timeout_seconds: float = Field(default=15, gt=0)
 
 
 class Config(_Strict):
     daemon: DaemonSettings = DaemonSettings()
+    client: ClientSettings = ClientSettings()
     endpoints: Endpoints = Endpoints()
     profiles: dict[str, Profile] = {}
 

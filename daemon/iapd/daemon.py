@@ -72,7 +72,7 @@ async def serve(config_path: str, socket_path: str | None, test_clock: bool = Fa
                            keepalive_timeout=15, max_line_size=MAX_HEADER_FIELD, max_field_size=MAX_HEADER_FIELD,
                            max_headers=64)
     await runner.setup()
-    site = GuardedUnixSite(runner, sock)
+    site = GuardedUnixSite(runner, sock, agent.cached_token)
     await site.start()
     agent.cache.start()
     stop = asyncio.Event()

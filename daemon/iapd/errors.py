@@ -12,9 +12,14 @@ class IapdError(Exception):
     code = "internal"
     status = 500
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, **extra: object) -> None:
         super().__init__(message)
         self.message = message
+        self.extra = extra  # more JSON fields for the API's error body
+
+    def with_extra(self, **extra: object) -> "IapdError":
+        clone = type(self)(self.message, **{**self.extra, **extra})
+        return clone
 
 
 class LoginRequired(IapdError):

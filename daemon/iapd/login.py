@@ -61,17 +61,18 @@ class LoginManager:
         self.flows: dict[str, LoginFlow] = {}
         self.results: dict[str, dict[str, Any]] = {}  # last outcome per credential, for polling
 
-    async def start(self, credential: UserCredential) -> LoginFlow:
+    async def start(self, credential: UserCredential) -> tuple[LoginFlow, bool]:
+        """The flow for this credential, and whether it was already in flight (joined)."""
         flow = self.flows.get(credential.key)
         if flow is not None and not flow.done.done():
-            return flow  # one browser flow per account: join the one in flight
+            return flow, True  # one browser flow per account: join the one in flight
         # Read the client secret now, not after the user has clicked through the browser.
         await credential.client_secret()
         flow = await self._open(credential)
         self.flows[credential.key] = flow
         asyncio.get_running_loop().call_later(self.timeout, self._expire, flow)
         log.info("%s: login started, listening on %s", credential.key, flow.redirect_uri)
-        return flow
+        return flow, False
 
     async def _open(self, credential: UserCredential) -> LoginFlow:
         verifier = secrets.token_urlsafe(64)

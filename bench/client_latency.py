@@ -1,0 +1,131 @@
+"""How much does `iapctl token PROFILE` cost, compared with starting Python at all?
+
+Runs the emulator and a warm daemon, then times, interleaved (A B C A B C …, so drift and noise
+hit every variant alike):
+  A  `python -c pass` with the same interpreter (the floor: starting Python);
+  B  the installed `iapctl token demo-user` (a cache hit on a warm daemon);
+  C  the same call through pip's generic console-script wrapper (what we would ship without
+     our own launcher), to show what the launcher saves;
+and the same for `iapctl status`. Prints medians and ratios to A. Goal: B ≤ 1.15 × A.
+
+    .venv/bin/python bench/client_latency.py [--pairs 50]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+GOAL = 1.15
+WRAPPER = ("import re, sys\nfrom iapctl.cli import main\n"
+           "sys.argv[0] = re.sub(r'(-script\\.pyw|\\.exe)?$', '', sys.argv[0])\nsys.exit(main())")
+
+
+def timed(cmd: list[str], env: dict) -> float:
+    start = time.perf_counter()
+    done = subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    elapsed = time.perf_counter() - start
+    if done.returncode != 0:
+        raise SystemExit(f"{cmd} failed: {done.stderr.decode()}")
+    return elapsed
+
+
+def start_stack(tmp: Path) -> tuple[list[subprocess.Popen], dict]:
+    config = tmp / "config.toml"
+    emulator = subprocess.Popen([sys.executable, "-m", "iapd", "emulator", "--write-config", str(config)],
+                                stdout=subprocess.PIPE, text=True)
+    json.loads(emulator.stdout.readline())
+    env = {**os.environ, "IAPD_CONFIG": str(config), "IAPD_SOCKET": str(tmp / "run" / "iapd.sock"),
+           "XDG_STATE_HOME": str(tmp / "state"), "IAPD_AUTOSTART": "0", "IAPD_AUTO_LOGIN": "0"}
+    notify = tmp / "notify"
+    import socket
+
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    listener.bind(str(notify))
+    listener.settimeout(30)
+    daemon = subprocess.Popen([sys.executable, "-m", "iapd", "serve", "--log-level", "warning"],
+                              env={**env, "NOTIFY_SOCKET": str(notify)})
+    listener.recv(1024)
+    listener.close()
+    iapctl = shutil.which("iapctl", path=os.path.dirname(sys.executable))
+    login_env = {**env, "BROWSER": "curl -sSL -o /dev/null %s"}
+    subprocess.run([iapctl, "login", "demo-user"], env=login_env, check=True, stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL)
+    return [daemon, emulator], env
+
+
+def installed_venv(root: Path) -> Path:
+    """A regular (not editable) install of this checkout, as pip or pipx would make it for a user.
+    The client needs no dependencies, so `--no-deps` keeps this quick; rebuilt on every run."""
+    venv = root / "build" / "bench-venv"
+    if venv.exists():
+        shutil.rmtree(venv)
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    subprocess.run([sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"), "install", "-q",
+                    "--no-deps", str(root)], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return venv / "bin"
+
+
+def report(name: str, samples: dict[str, list[float]], floor: str) -> dict[str, float]:
+    base = statistics.median(samples[floor])
+    print(f"\n{name}")
+    ratios = {}
+    for label, values in samples.items():
+        med = statistics.median(values)
+        ratios[label] = med / base
+        print(f"  {label:44} median {med * 1000:7.2f} ms   p90 {sorted(values)[int(len(values) * 0.9)] * 1000:7.2f} ms"
+              f"   ×{med / base:.3f}")
+    return ratios
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--pairs", type=int, default=50, help="rounds of interleaved runs (default: %(default)s, min 30)")
+    args = parser.parse_args()
+    pairs = max(args.pairs, 30)
+    bin_dir = installed_venv(Path(__file__).resolve().parent.parent)
+    python, iapctl = str(bin_dir / "python"), str(bin_dir / "iapctl")
+    with tempfile.TemporaryDirectory(prefix="iapd-bench-") as tmp:
+        procs, env = start_stack(Path(tmp))
+        try:
+            variants = {
+                "A  python -c pass": [python, "-c", "pass"],
+                "B  iapctl token demo-user": [iapctl, "token", "demo-user"],
+                "C  iapctl token via generic console wrapper": [python, "-c", WRAPPER, "token", "demo-user"],
+            }
+            status = {"A  python -c pass": variants["A  python -c pass"],
+                      "B  iapctl status": [iapctl, "status"]}
+            for cmd in [*variants.values(), *status.values()]:  # warm the page cache and .pyc files
+                timed(cmd, env)
+            token_samples = {k: [] for k in variants}
+            status_samples = {k: [] for k in status}
+            for _ in range(pairs):
+                for label, cmd in variants.items():
+                    token_samples[label].append(timed(cmd, env))
+                for label, cmd in status.items():
+                    status_samples[label].append(timed(cmd, env))
+        finally:
+            for proc in procs:
+                proc.terminate()
+                proc.wait()
+    print(f"{pairs} interleaved rounds on {os.cpu_count()} cores; iapctl installed (not editable) in {bin_dir}, "
+          f"Python {sys.version.split()[0]}")
+    token = report("iapctl token (warm daemon, cache hit)", token_samples, "A  python -c pass")
+    report("iapctl status", status_samples, "A  python -c pass")
+    ratio = token["B  iapctl token demo-user"]
+    verdict = "meets" if ratio <= GOAL else "MISSES"
+    print(f"\niapctl token / python -c pass = {ratio:.3f} ({verdict} the goal of ≤ {GOAL}); "
+          f"flyte-iap measured ~1070 ms per call for comparison")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

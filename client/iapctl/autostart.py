@@ -1,0 +1,118 @@
+"""Starting iapd when nothing answers: the first `pyflyte` call after a reboot just works.
+
+Rules: never when a service manager owns the socket (then say how to start that instead);
+never when switched off (`IAPD_AUTOSTART=0` or `[client] autostart = false`); one daemon however
+many clients start at once (a lock file — the first starts it, the rest wait and then find it).
+We learn the daemon is ready from its own READY=1 on a notify socket, as systemd would.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+from iapctl import paths
+from iapctl.cli import BAD_PROFILE, UNREACHABLE, Failure
+
+START_TIMEOUT = 15.0
+SYSTEMD_SOCKET_UNIT = "iapd.socket"
+LAUNCHD_LABEL = "dev.iapd.agent"
+
+
+def service_manager_unit() -> str | None:
+    """The installed login service that owns the socket, if any (then we must not start our own)."""
+    config_home = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
+    unit = os.path.join(config_home, "systemd", "user", SYSTEMD_SOCKET_UNIT)
+    if sys.platform.startswith("linux") and os.path.exists(unit):
+        return f"the systemd user unit {SYSTEMD_SOCKET_UNIT} is installed: run `systemctl --user start {SYSTEMD_SOCKET_UNIT}`"
+    plist = os.path.join(os.path.expanduser("~"), "Library", "LaunchAgents", f"{LAUNCHD_LABEL}.plist")
+    if sys.platform == "darwin" and os.path.exists(plist):
+        return f"the launchd agent {LAUNCHD_LABEL} is installed: run `launchctl kickstart gui/{os.getuid()}/{LAUNCHD_LABEL}`"
+    return None
+
+
+def autostart_enabled() -> bool:
+    env = os.environ.get("IAPD_AUTOSTART")
+    if env is not None:
+        return env.strip().lower() not in ("0", "false", "no", "off")
+    try:
+        import tomllib
+
+        with open(paths.config_path(), "rb") as fh:
+            client = tomllib.load(fh).get("client", {})
+        return bool(client.get("autostart", True)) if isinstance(client, dict) else True
+    except (OSError, ValueError):
+        return True  # a missing or broken config: the daemon will say what is wrong with it
+
+
+def _answers(socket_path: str) -> bool:
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(1.0)
+    try:
+        probe.connect(socket_path)
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.close()
+
+
+def ensure_daemon(socket_path: str, why: str) -> None:
+    """Return once a daemon answers on `socket_path`, or raise Failure saying what to do."""
+    manager = service_manager_unit()
+    if manager is not None:
+        raise Failure(f"iapd is not running on {socket_path} ({why}); {manager}", UNREACHABLE)
+    if not autostart_enabled():
+        raise Failure(f"iapd is not running on {socket_path} ({why}): start it with `iapd serve` "
+                      "(autostart is off)", UNREACHABLE)
+    state = paths.state_dir()
+    os.makedirs(state, mode=0o700, exist_ok=True)
+    with open(os.path.join(state, "autostart.lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, even if we crash
+        if _answers(socket_path):
+            return  # another client started it while we waited for the lock
+        _start(socket_path, os.path.join(state, "iapd.log"))
+
+
+def _start(socket_path: str, log_path: str) -> None:
+    with tempfile.TemporaryDirectory(prefix="iapctl-") as tmp:
+        notify_path = os.path.join(tmp, "notify")
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        listener.bind(notify_path)
+        listener.settimeout(0.2)
+        env = {**os.environ, "NOTIFY_SOCKET": notify_path, "IAPD_SOCKET": socket_path}
+        with open(log_path, "ab") as log:
+            os.chmod(log_path, 0o600)
+            offset = log.tell()
+            # A new session: the daemon outlives this command and the terminal it ran in.
+            proc = subprocess.Popen([sys.executable, "-m", "iapd", "serve"], env=env, stdin=subprocess.DEVNULL,
+                                    stdout=log, stderr=log, start_new_session=True, close_fds=True)
+        deadline = time.monotonic() + START_TIMEOUT
+        try:
+            while time.monotonic() < deadline:
+                try:
+                    if b"READY=1" in listener.recv(4096):
+                        return
+                except TimeoutError:
+                    pass
+                if proc.poll() is not None:
+                    raise _start_failure(proc.returncode, log_path, offset)
+        finally:
+            listener.close()
+        raise Failure(f"started iapd but it did not become ready within {START_TIMEOUT:.0f}s; see {log_path}",
+                      UNREACHABLE)
+
+
+def _start_failure(returncode: int, log_path: str, offset: int) -> Failure:
+    with open(log_path, "rb") as fh:
+        fh.seek(offset)
+        lines = [line.strip() for line in fh.read().decode(errors="replace").splitlines() if line.strip()]
+    last = lines[-1] if lines else f"exit status {returncode}"
+    if returncode == 2:  # the daemon's code for a config it cannot use
+        return Failure(last.removeprefix("iapd: "), BAD_PROFILE)
+    return Failure(f"could not start iapd: {last} (log: {log_path})", UNREACHABLE)

@@ -1,0 +1,134 @@
+"""`iapctl`'s entry point, and `iapctl token PROFILE`: the hot path.
+
+flytekit runs `iapctl token` per gRPC client and per HTTP session, with no timeout, and 4× per
+call when it fails; flytectl runs it with stdin from /dev/null and hides its stderr. So: standard
+library only, imports kept to `_socket` on success, stdout is the token and a newline or nothing
+at all, one actionable line on stderr, a bounded run time, and an exit code per cause.
+
+This module is all the launcher imports for `token` (every other command goes on to argparse in
+iapctl.commands). Each module on this path costs a measurable fraction of Python's own start-up
+(bench/client_latency.py), hence one module rather than a tidier two, and no `__future__`.
+"""
+
+import sys
+
+from iapctl import paths, wire
+
+# Exit codes (documented in the README and `iapctl --help`).
+OK = 0
+ERROR = 1          # anything unexpected
+USAGE = 2          # bad command line
+UNREACHABLE = 3    # iapd is not running and could not be started
+LOGIN_REQUIRED = 4  # run `iapctl login PROFILE`
+BAD_PROFILE = 5    # unknown profile, or a config iapd cannot use
+UPSTREAM = 6       # Google (or the network to it) failed: try again later
+
+_BY_ERROR = {"login_required": LOGIN_REQUIRED, "unknown_profile": BAD_PROFILE, "bad_request": BAD_PROFILE,
+             "upstream_error": UPSTREAM, "upstream_unavailable": UPSTREAM}
+
+_SAFE = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-@")
+
+
+class Failure(Exception):
+    """One line for stderr and the exit code that goes with it."""
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code
+
+
+def fail(message: str, code: int) -> int:
+    sys.stderr.write(f"iapctl: {message}\n")
+    return code
+
+
+def valid_profile(name: str) -> bool:
+    # Profile names go into a URL path; refusing odd characters here saves importing urllib.
+    return bool(name) and len(name) <= 128 and all(c in _SAFE for c in name)
+
+
+def call(method: str, target: str, body: bytes | None = None, timeout: float | None = None,
+         autostart: bool = True) -> wire.Response:
+    """A request to the daemon; starts the daemon first if nothing answers (and that is allowed).
+    `IAPCTL_TIMEOUT` (seconds) bounds each request; the default suits a refresh that waits on Google."""
+    path = paths.socket_path()
+    if timeout is None:
+        timeout = _timeout()
+    try:
+        return wire.request(path, method, target, body, timeout=timeout)
+    except wire.Unreachable as exc:
+        if not autostart:
+            raise Failure(f"iapd is not running on {path} ({exc}): start it with `iapd serve` "
+                          "or `iapctl service install`", UNREACHABLE) from None
+        from iapctl.autostart import ensure_daemon
+
+        ensure_daemon(path, str(exc))  # raises Failure when it cannot
+        return wire.request(path, method, target, body, timeout=timeout)
+
+
+def _timeout() -> float:
+    import os
+
+    try:
+        return max(float(os.environ.get("IAPCTL_TIMEOUT") or wire.DEFAULT_TIMEOUT), 0.1)
+    except ValueError:
+        return wire.DEFAULT_TIMEOUT
+
+
+def error_of(resp: wire.Response) -> dict:
+    try:
+        error = resp.json()
+    except ValueError:
+        error = None
+    if not isinstance(error, dict):
+        return {"error": "internal", "message": f"unexpected answer from iapd (HTTP {resp.status})"}
+    return error
+
+
+def run(profile: str, adhoc: bytes | None = None) -> int:
+    """Print a token for `profile` (or for the ad-hoc profile defined by `adhoc`)."""
+    if adhoc is None and not valid_profile(profile):
+        return fail(f"invalid profile name {profile!r}", USAGE)
+    method, target = ("POST", "/v1/adhoc/token") if adhoc is not None else ("GET", "/v1/token/" + profile)
+    try:
+        resp = call(method, target, adhoc)
+        if resp.status != 200:
+            error = error_of(resp)
+            if error.get("error") == "login_required":
+                from iapctl.autologin import login_when_needed
+
+                # Returns only if a login just completed; else raises Failure.
+                login_when_needed(error.get("profile") or profile, error)
+                resp = call(method, target, adhoc)
+                if resp.status != 200:
+                    error = error_of(resp)
+            if resp.status != 200:
+                raise _failure_of(error.get("profile") or profile, error)
+    except Failure as exc:
+        return fail(exc.message, exc.code)
+    except wire.Unreachable as exc:
+        return fail(f"iapd stopped answering: {exc}", UNREACHABLE)
+    sys.stdout.write(resp.body.decode() + "\n")
+    return OK
+
+
+def _failure_of(profile: str, error: dict) -> Failure:
+    code = error.get("error")
+    message = error.get("message", "")
+    if code == "login_required":
+        return Failure(f"login required for profile {profile} ({message}): run `iapctl login {profile}`",
+                       LOGIN_REQUIRED)
+    if code == "upstream_unavailable":
+        return Failure(f"Google is not answering for profile {profile} ({message}); try again shortly",
+                       UPSTREAM)
+    return Failure(message or f"iapd answered {code}", _BY_ERROR.get(code, ERROR))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) == 2 and args[0] == "token" and not args[1].startswith("-"):
+        return run(args[1])
+    from iapctl.commands import dispatch
+
+    return dispatch(args)

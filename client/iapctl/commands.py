@@ -1,0 +1,251 @@
+"""Every `iapctl` command but the `token` fast path: argparse, status, login, logout, service,
+and flyte-iap's own subcommands and flags as a drop-in."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from iapctl import __version__, paths
+from iapctl.cli import (
+    BAD_PROFILE, ERROR, LOGIN_REQUIRED, OK, UNREACHABLE, UPSTREAM, USAGE, Failure, call, error_of, fail, run,
+    valid_profile,
+)
+
+EXIT_CODES = f"""exit codes:
+  {OK}  success
+  {ERROR}  unexpected error
+  {USAGE}  usage error
+  {UNREACHABLE}  iapd is not running and could not be started
+  {LOGIN_REQUIRED}  login required: run `iapctl login PROFILE`
+  {BAD_PROFILE}  unknown profile, or a config iapd cannot use
+  {UPSTREAM}  Google (or the network to it) failed: try again later
+
+environment:
+  IAPD_SOCKET      socket path (default: $XDG_RUNTIME_DIR/iapd/iapd.sock)
+  IAPD_CONFIG      config file (default: $XDG_CONFIG_HOME/iapd/config.toml)
+  IAPD_AUTOSTART   0 = never start iapd in the background
+  IAPD_AUTO_LOGIN  0 = `iapctl token` never starts a browser login
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line and the usage exit code, like every other failure
+        self.exit(USAGE, f"iapctl: {message} (see `{self.prog} --help`)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="iapctl", description="Client of the iapd agent: Google Cloud IAP ID tokens in milliseconds.",
+                     epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"iapctl {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    p = sub.add_parser("token", help="print an ID token for PROFILE (for Flyte's proxyCommand)",
+                       description="Print an ID token for PROFILE and a newline on stdout; nothing else. On failure, "
+                                   "one line on stderr and a non-zero exit code (see `iapctl --help`).")
+    p.add_argument("profile")
+    p.set_defaults(func=lambda a: run(a.profile))
+
+    p = sub.add_parser("login", help="log in to PROFILE in a browser",
+                       description="Log in with your Google account for PROFILE. Opens a browser (honours $BROWSER); "
+                                   "with --no-browser, prints the URL and asks for the address the browser ends on.")
+    p.add_argument("profile")
+    p.add_argument("--no-browser", action="store_true",
+                   help="print the URL instead of opening a browser (SSH, headless machines)")
+    p.set_defaults(func=cmd_login)
+
+    p = sub.add_parser("logout", help="revoke and forget a login (or all of them)",
+                       description="Revoke the login at Google (best effort), wipe it from the store and drop cached tokens.")
+    p.add_argument("profile", nargs="?")
+    p.add_argument("--all", action="store_true", help="every profile and every stored login")
+    p.set_defaults(func=cmd_logout)
+
+    p = sub.add_parser("status", help="show the daemon and every profile")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("service", help="install the login service (systemd user units or a launchd agent)",
+                       description="Install, remove or inspect the service that starts iapd at login.")
+    p.add_argument("action", choices=["install", "uninstall", "status"])
+    p.add_argument("--dry-run", action="store_true", help="print the files and commands instead of running them")
+    p.set_defaults(func=cmd_service)
+
+    # flyte-iap's subcommands, flags and output, so `proxyCommand` changes by one word.
+    p = sub.add_parser("generate-user-id-token", help="flyte-iap drop-in: a user ID token",
+                       description="flyte-iap compatible: print a user ID token for the IAP web app client.")
+    p.add_argument("--desktop_client_id", required=True, help="desktop type OAuth 2.0 client ID")
+    p.add_argument("--desktop_client_secret_gcp_secret_name", required=True,
+                   help="Secret Manager secret holding the desktop client secret")
+    p.add_argument("--webapp_client_id", required=True, help="web app OAuth 2.0 client ID used by IAP (the audience)")
+    p.add_argument("--project", required=True, help="GCP project ID in which the secret is saved")
+    p.set_defaults(func=cmd_flyte_user)
+
+    p = sub.add_parser("generate-service-account-id-token", help="flyte-iap drop-in: a service-account ID token",
+                       description="flyte-iap compatible: print a service-account ID token for the IAP web app client, "
+                                   "from a key file ($GOOGLE_APPLICATION_CREDENTIALS) or the metadata server.")
+    p.add_argument("--webapp_client_id", required=True, help="web app OAuth 2.0 client ID used by IAP (the audience)")
+    p.add_argument("--service_account_key", help="path to a service account key file")
+    p.set_defaults(func=cmd_flyte_service_account)
+    return parser
+
+
+def dispatch(argv: list[str]) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help(sys.stderr)
+        return USAGE
+    try:
+        return args.func(args)
+    except Failure as exc:
+        return fail(exc.message, exc.code)
+    except KeyboardInterrupt:
+        return fail("interrupted", ERROR)
+
+
+def _checked(resp) -> dict:
+    if resp.status != 200:
+        error = error_of(resp)
+        code = {"unknown_profile": BAD_PROFILE, "bad_request": USAGE, "login_required": LOGIN_REQUIRED}
+        raise Failure(error.get("message", "failed"), code.get(error.get("error"), UPSTREAM if resp.status >= 500 else ERROR))
+    return resp.json()
+
+
+def _profile(name: str) -> str:
+    if not valid_profile(name):
+        raise Failure(f"invalid profile name {name!r}", USAGE)
+    return name
+
+
+# -- login / logout -----------------------------------------------------------------------------
+
+def cmd_login(args: argparse.Namespace) -> int:
+    from iapctl.autologin import wait_for_login
+
+    profile = _profile(args.profile)
+    started = _checked(call("POST", f"/v1/login/{profile}"))
+    url = started["auth_url"]
+    if started.get("joined"):
+        print(f"A login for {profile} is already in progress; joining it. Its URL:\n  {url}", file=sys.stderr)
+    if args.no_browser:
+        print(f"Open this URL in a browser (on any machine):\n\n  {url}\n\n"
+              "After you approve, the browser goes to an http://127.0.0.1:… address that may not load.\n"
+              "Paste that whole address here:", file=sys.stderr)
+        try:
+            pasted = input().strip()
+        except EOFError:
+            pasted = ""
+        if not pasted:
+            raise Failure("no URL was pasted; the login was not completed", LOGIN_REQUIRED)
+        outcome = _checked(call("POST", f"/v1/login/{profile}/complete", json.dumps({"redirect_url": pasted}).encode()))
+    else:
+        if not started.get("joined"):
+            print(f"Opening your browser to log in. If it does not open, visit:\n  {url}", file=sys.stderr)
+            import webbrowser
+
+            webbrowser.open(url)
+        outcome = wait_for_login(profile)
+    if outcome.get("state") != "done":
+        raise Failure(f"the login did not complete: {outcome.get('message', outcome.get('state'))}", LOGIN_REQUIRED)
+    print(f"Logged in as {outcome.get('email')} (profile {profile}).")
+    return OK
+
+
+def cmd_logout(args: argparse.Namespace) -> int:
+    if bool(args.profile) == bool(args.all):
+        raise Failure("give a PROFILE or --all", USAGE)
+    target = "/v1/logout" if args.all else f"/v1/logout/{_profile(args.profile)}"
+    results = _checked(call("POST", target))["results"]
+    if not results:
+        print("Nothing to log out.")
+    for r in results:
+        who = r.get("email") or "no stored login"
+        profiles = ", ".join(r.get("profiles") or []) or "(no profile)"
+        if r.get("revoked"):
+            revoked = "revoked at Google"
+        elif r.get("revoke_error"):
+            revoked = f"not revoked ({r['revoke_error']})"
+        else:
+            revoked = "nothing to revoke"
+        wiped = "wiped from the store" if r.get("wiped") else "nothing stored"
+        print(f"{profiles}: {who}: {revoked}; {wiped}; cached tokens dropped.")
+    return OK
+
+
+# -- status -------------------------------------------------------------------------------------
+
+def _duration(seconds) -> str:
+    if seconds is None:
+        return "-"
+    seconds = int(seconds)
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    if seconds >= 60:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds}s"
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    path = paths.socket_path()
+    try:
+        status = _checked(call("GET", "/v1/status", autostart=False))
+    except Failure as exc:
+        if exc.code != UNREACHABLE:
+            raise
+        if args.json:
+            print(json.dumps({"running": False, "socket": path}))
+        else:
+            print(f"iapd is not running (socket {path}). Start it with `iapd serve` or `iapctl service install`.")
+        return UNREACHABLE
+    if args.json:
+        print(json.dumps({"running": True, **status}, indent=2))
+        return OK
+    d = status["daemon"]
+    print(f"iapd {d['version']} (pid {d['pid']}, up {_duration(d['uptime'])}) on {d['socket']}")
+    print(f"config {d['config']}; store {d['store']}")
+    rows = [("PROFILE", "IDENTITY", "STATE", "AUDIENCE", "EXPIRES IN", "NEXT RENEWAL", "LAST ERROR")]
+    for p in status["profiles"]:
+        error = p.get("last_error") or {}
+        rows.append((p["name"], p.get("identity") or "-", p["state"], p.get("audience") or "(allowlist)",
+                     _duration(p.get("expires_in")), _duration(p.get("next_renewal_in")),
+                     (error.get("message") or "-")[:70]))
+    if len(rows) == 1:
+        print(f"no profiles: add one to {d['config']}")
+        return OK
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+    return OK
+
+
+# -- service ------------------------------------------------------------------------------------
+
+def cmd_service(args: argparse.Namespace) -> int:
+    from iapctl.service import run_service
+
+    return run_service(args.action, args.dry_run)
+
+
+# -- flyte-iap drop-in --------------------------------------------------------------------------
+
+def cmd_flyte_user(args: argparse.Namespace) -> int:
+    secret = args.desktop_client_secret_gcp_secret_name
+    name = secret if secret.startswith("projects/") else f"projects/{args.project}/secrets/{secret}/versions/latest"
+    profile = {"audience": args.webapp_client_id,
+               "user": {"client_id": args.desktop_client_id, "client_secret_name": name}}
+    return run("flyte-iap", adhoc=json.dumps(profile).encode())
+
+
+def cmd_flyte_service_account(args: argparse.Namespace) -> int:
+    # flyte-iap's order: --service_account_key, else $GOOGLE_APPLICATION_CREDENTIALS, else metadata.
+    key = args.service_account_key or os.environ.get("GOOGLE_APPLICATION_CREDENTIALS")
+    if key:
+        if not os.path.isfile(key):
+            raise Failure(f"service account key file {key} does not exist", BAD_PROFILE)
+        source = {"kind": "key_file", "key_file": os.path.abspath(key)}
+    else:
+        source = {"kind": "metadata"}
+    profile = {"audience": args.webapp_client_id, "service_account": source}
+    return run("flyte-iap", adhoc=json.dumps(profile).encode())
