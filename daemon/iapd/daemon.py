@@ -16,7 +16,9 @@ from iapd.config import ConfigError, load_config
 from iapd.fsutil import UnsafePath
 from iapd.google_http import new_session
 from iapd.clock import Clock
-from iapd.server import MAX_HEADER_FIELD, GuardedUnixSite, bind_socket, make_app, remove_socket_if_ours
+from iapd.server import (
+    MAX_HEADER_FIELD, GuardedUnixSite, bind_socket, inherited_socket, make_app, remove_socket_if_ours,
+)
 from iapd.notify import notify
 from iapd.store import CredentialStore
 
@@ -56,13 +58,18 @@ async def serve(config_path: str, socket_path: str | None, test_clock: bool = Fa
     except ConfigError as exc:
         print(f"iapd: {exc}", file=sys.stderr)
         return 2
-    path = socket_path or os.environ.get("IAPD_SOCKET") or config.daemon.socket or default_socket_path()
-    sock = bind_socket(path)
-    inode = os.lstat(path).st_ino
+    sock = inherited_socket()
+    if sock is not None:
+        path, inode = sock.getsockname(), None  # systemd's socket: systemd removes it, not us
+    else:
+        path = socket_path or os.environ.get("IAPD_SOCKET") or config.daemon.socket or default_socket_path()
+        sock = bind_socket(path)
+        inode = os.lstat(path).st_ino
     try:
         store = await CredentialStore.open(default_state_dir(config))
     except (UnsafePath, OSError) as exc:
-        remove_socket_if_ours(path, inode)
+        if inode is not None:
+            remove_socket_if_ours(path, inode)
         print(f"iapd: cannot use the state directory: {exc}", file=sys.stderr)
         return 1
     session = new_session(config.daemon.http_timeout_seconds)
@@ -79,16 +86,40 @@ async def serve(config_path: str, socket_path: str | None, test_clock: bool = Fa
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    notify(f"READY=1\nMAINPID={os.getpid()}\nSTATUS=serving {len(config.profiles)} profiles on {path}")
+    notify(f"READY=1\nMAINPID={os.getpid()}\nSTATUS={status_line(agent)}")
+    reporter = asyncio.create_task(report_status(agent))
     log.info("iapd ready on %s (%d profiles, config %s, store %s)", path, len(config.profiles), config_path, store.path)
     try:
         await stop.wait()
     finally:
         log.info("shutting down")
         notify("STOPPING=1")
+        reporter.cancel()
         await agent.cache.stop()
         await agent.logins.close()
         await runner.cleanup()
         await session.close()
-        remove_socket_if_ours(path, inode)
+        if inode is not None:
+            remove_socket_if_ours(path, inode)
     return 0
+
+
+def status_line(agent: Agent) -> str:
+    """What `systemctl --user status iapd` shows, e.g. "2 profiles ready, 1 login required"."""
+    counts: dict[str, int] = {}
+    for profile in agent.status()["profiles"]:
+        counts[profile["state"].replace("_", " ")] = counts.get(profile["state"].replace("_", " "), 0) + 1
+    if not counts:
+        return f"no profiles in {agent.config_path}"
+    return ", ".join(f"{n} profile{'s' if n > 1 else ''} {state}" if i == 0 else f"{n} {state}"
+                     for i, (state, n) in enumerate(sorted(counts.items())))
+
+
+async def report_status(agent: Agent, every: float = 5.0) -> None:
+    last = None
+    while True:
+        await asyncio.sleep(every)
+        line = status_line(agent)
+        if line != last:
+            notify(f"STATUS={line}")
+            last = line

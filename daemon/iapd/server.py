@@ -265,6 +265,31 @@ def _check_socket_dir(path: Path) -> None:
         raise SystemExit(f"iapd: cannot create socket directory {path}: {exc.strerror}") from None
 
 
+SD_LISTEN_FDS_START = 3
+
+
+def inherited_socket() -> socket.socket | None:
+    """The listening socket systemd passed us (socket activation), if any.
+
+    Protocol: LISTEN_PID is our pid, LISTEN_FDS ≥ 1, the first fd is 3. The variables are
+    removed so that children (none today) do not think the fds are theirs."""
+    if os.environ.get("LISTEN_PID") != str(os.getpid()):
+        return None
+    try:
+        count = int(os.environ.get("LISTEN_FDS", "0"))
+    except ValueError:
+        count = 0
+    for var in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        os.environ.pop(var, None)
+    if count < 1:
+        return None
+    sock = socket.socket(fileno=SD_LISTEN_FDS_START)
+    if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
+        raise SystemExit("iapd: the socket passed by the service manager is not a unix stream socket")
+    sock.setblocking(False)
+    return sock
+
+
 def bind_socket(path: str) -> socket.socket:
     """Bind the listening socket: 0600 in a 0700 directory; replace a stale socket from a dead
     daemon, but never steal one that a live daemon answers on."""

@@ -1,0 +1,155 @@
+"""`iapctl service install | uninstall | status`: start iapd at login, the platform's way.
+
+Linux: systemd user units with socket activation (systemd owns the socket from login on and
+starts iapd on the first connection). macOS: a LaunchAgent; iapd binds its own socket. The unit
+files are templates shipped in this package (also linked from systemd/ and launchd/ in the
+repository), rendered with the absolute path of the `iapd` installed beside this `iapctl`.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from iapctl import paths
+from iapctl.cli import ERROR, OK, USAGE, Failure
+
+UNITS = Path(__file__).with_name("units")
+LABEL = "dev.iapd.agent"
+
+
+@dataclass
+class Plan:
+    files: dict[Path, str]
+    commands: list[list[str]]
+    remove: list[Path]
+
+
+def iapd_executable() -> str:
+    """The `iapd` of this installation (pipx, venv or system), as an absolute path."""
+    here = Path(sys.argv[0]).resolve().parent if sys.argv and sys.argv[0] else None
+    for folder in filter(None, [here, Path(sys.executable).parent]):
+        candidate = folder / "iapd"
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            return str(candidate)
+    found = shutil.which("iapd")
+    if found is None:
+        raise Failure("cannot find the `iapd` executable of this installation", ERROR)
+    return os.path.abspath(found)
+
+
+def render(name: str, values: dict[str, str]) -> str:
+    """Fill `@KEY@` placeholders; a line that is only an empty placeholder disappears."""
+    lines = []
+    for line in (UNITS / name).read_text().splitlines(keepends=True):
+        for key, value in values.items():
+            if line.strip() == f"@{key}@" and not value:
+                line = ""
+            line = line.replace(f"@{key}@", value)
+        lines.append(line)
+    return "".join(lines)
+
+
+def systemd_quote(value: str) -> str:
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _systemd_dir() -> Path:
+    base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
+    return Path(base) / "systemd" / "user"
+
+
+def systemd_plan(action: str) -> Plan:
+    folder = _systemd_dir()
+    socket_unit, service_unit = folder / "iapd.socket", folder / "iapd.service"
+    if action == "install":
+        # The config location is baked in if the user has moved it; the socket is systemd's (%t).
+        env_lines = [f"Environment={systemd_quote(f'{k}={os.environ[k]}')}" for k in ("IAPD_CONFIG",) if os.environ.get(k)]
+        values = {"IAPD": iapd_executable(), "STATE_DIR": paths.state_dir(), "ENVIRONMENT": "\n".join(env_lines)}
+        files = {socket_unit: render("iapd.socket", values), service_unit: render("iapd.service", values)}
+        return Plan(files, [["systemctl", "--user", "daemon-reload"],
+                            ["systemctl", "--user", "enable", "--now", "iapd.socket"]], [])
+    if action == "uninstall":
+        return Plan({}, [["systemctl", "--user", "disable", "--now", "iapd.socket", "iapd.service"],
+                         ["systemctl", "--user", "daemon-reload"]], [socket_unit, service_unit])
+    return Plan({}, [["systemctl", "--user", "status", "--no-pager", "iapd.socket", "iapd.service"]], [])
+
+
+def launchd_plan(action: str) -> Plan:
+    home = Path(os.path.expanduser("~"))
+    plist = home / "Library" / "LaunchAgents" / f"{LABEL}.plist"
+    domain = f"gui/{os.getuid()}"
+    if action == "install":
+        values = {"IAPD": iapd_executable(), "SOCKET": paths.socket_path(), "CONFIG": paths.config_path(),
+                  "LOG": str(home / "Library" / "Logs" / "iapd.log")}
+        return Plan({plist: render(f"{LABEL}.plist", values)}, [["launchctl", "bootstrap", domain, str(plist)]], [])
+    if action == "uninstall":
+        return Plan({}, [["launchctl", "bootout", f"{domain}/{LABEL}"]], [plist])
+    return Plan({}, [["launchctl", "print", f"{domain}/{LABEL}"]], [])
+
+
+def plan_for(action: str, platform: str = sys.platform) -> Plan:
+    if platform == "darwin":
+        return launchd_plan(action)
+    if platform.startswith("linux"):
+        return systemd_plan(action)
+    raise Failure(f"no login service for {platform}: run `iapd serve` from your session's start-up instead", USAGE)
+
+
+def _stop_unmanaged_daemon() -> None:
+    """A daemon started by autostart holds the socket path; the service takes over from it."""
+    from iapctl.cli import call
+
+    try:
+        resp = call("GET", "/v1/status", autostart=False, timeout=2)
+        pid = resp.json()["daemon"]["pid"]
+    except (Failure, OSError, ValueError, KeyError):
+        return
+    if pid != os.getpid():
+        os.kill(pid, 15)
+        print(f"stopped the iapd started earlier by iapctl (pid {pid}); the service takes over")
+
+
+def run_service(action: str, dry_run: bool) -> int:
+    plan = plan_for(action)
+    if dry_run:
+        for path, text in plan.files.items():
+            print(f"# would write {path}\n{text}")
+        for path in plan.remove:
+            print(f"# would remove {path}")
+        for command in plan.commands:
+            print("# would run: " + shlex.join(command))
+        return OK
+    if action == "status":
+        for path in plan_for("uninstall").remove:
+            print(f"{path}: {'installed' if path.exists() else 'not installed'}")
+    if action == "install":
+        _stop_unmanaged_daemon()
+        # The sandbox makes the home read-only but for this directory, which must exist.
+        os.makedirs(paths.state_dir(), mode=0o700, exist_ok=True)
+    for path, text in plan.files.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        print(f"wrote {path}")
+    status = OK
+    for command in plan.commands:
+        if action != "status":
+            print("running: " + shlex.join(command))
+        try:
+            done = subprocess.run(command)
+        except FileNotFoundError:
+            raise Failure(f"`{command[0]}` is not available on this machine", ERROR) from None
+        if done.returncode != 0 and action != "status":
+            status = ERROR
+        elif done.returncode != 0:
+            status = done.returncode
+    for path in plan.remove:
+        if path.exists():
+            path.unlink()
+            print(f"removed {path}")
+    return status
