@@ -239,12 +239,15 @@ def cmd_flyte_user(args: argparse.Namespace) -> int:
 
 
 def cmd_flyte_service_account(args: argparse.Namespace) -> int:
-    # flyte-iap's order: --service_account_key, else $GOOGLE_APPLICATION_CREDENTIALS, else metadata.
+    # flyte-iap's order: --service_account_key, else $GOOGLE_APPLICATION_CREDENTIALS (which may
+    # also be a workload identity federation file), else the metadata server.
     key = args.service_account_key or os.environ.get("GOOGLE_APPLICATION_CREDENTIALS")
-    if key:
-        if not os.path.isfile(key):
-            raise Failure(f"service account key file {key} does not exist", BAD_PROFILE)
+    if key and not os.path.isfile(key):
+        raise Failure(f"credentials file {key} does not exist", BAD_PROFILE)
+    if args.service_account_key:
         source = {"kind": "key_file", "key_file": os.path.abspath(key)}
+    elif key:
+        source = {"kind": "adc", "credentials_file": os.path.abspath(key)}
     else:
         source = {"kind": "metadata"}
     profile = {"audience": args.webapp_client_id, "service_account": source}

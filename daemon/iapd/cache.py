@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 from iapd.clock import Clock
 from iapd.config import DaemonSettings
-from iapd.errors import IapdError, LoginRequired, UpstreamUnavailable
+from iapd.errors import IapdError, LoginRequired, UpstreamError, UpstreamUnavailable
 from iapd.jwt import fingerprint
 from iapd.sources.base import IdToken, TokenSource
 
@@ -134,7 +134,11 @@ class TokenCache:
                 if other.source.key == entry.source.key:
                     other.last_error = exc  # tokens still valid keep being served until their margin
             raise
-        except IapdError as exc:
+        except Exception as exc:  # noqa: BLE001 - a source's surprise must not become a 500 loop
+            if not isinstance(exc, IapdError):
+                # Only the type goes to the log: library messages may quote response bodies.
+                log.error("%s: unexpected %s while refreshing", entry.source.key, type(exc).__name__)
+                exc = UpstreamError(f"unexpected error while getting a token ({type(exc).__name__}); see iapd's log")
             entry.failures += 1
             delay = min(self.settings.backoff_cap_seconds,
                         self.settings.backoff_initial_seconds * 2 ** (entry.failures - 1))
@@ -143,7 +147,7 @@ class TokenCache:
             left = entry.token.remaining(self.clock) if entry.token else 0
             log.warning("%s aud=%s: refresh failed (%s), retry in ≤%.0fs; current token has %.0fs left",
                         entry.source.key, entry.audience, exc.message, delay, max(left, 0))
-            raise
+            raise exc from None
         finally:
             entry.task = None
             self._wake.set()

@@ -39,7 +39,6 @@ class Endpoints(_Strict):
     secret_manager_url: str = "https://secretmanager.googleapis.com"
     metadata_url: str = "http://metadata.google.internal"
     iam_credentials_url: str = "https://iamcredentials.googleapis.com"
-    sts_url: str = "https://sts.googleapis.com/v1/token"
 
 
 class UserSource(_Strict):
@@ -68,9 +67,28 @@ class MetadataSource(_Strict):
     kind: Literal["metadata"]
 
 
-SOURCE_KINDS = {"key_file", "metadata"}
+class ADCSource(_Strict):
+    """Application-default credentials, or the credentials file named here: a service-account
+    key, an `external_account` file (workload identity federation) or an impersonation config."""
+
+    kind: Literal["adc"]
+    credentials_file: str | None = None
+
+
+class ImpersonateSource(_Strict):
+    """ID tokens for `target` from IAM Credentials generateIdToken, called as the identity of
+    `credentials_file` (or application-default credentials: a user's gcloud login, a key, the
+    metadata server), through an optional chain of delegates."""
+
+    kind: Literal["impersonate"]
+    target: str = Field(min_length=3, pattern=r"^[^@/\s]+@[^@/\s]+$")
+    delegates: list[Annotated[str, Field(pattern=r"^[^@/\s]+@[^@/\s]+$")]] = []
+    credentials_file: str | None = None
+
+
+SOURCE_KINDS = {"key_file", "metadata", "adc", "impersonate"}
 ServiceAccountSource = Annotated[
-    Union[KeyFileSource, MetadataSource], Field(discriminator="kind")
+    Union[KeyFileSource, MetadataSource, ADCSource, ImpersonateSource], Field(discriminator="kind")
 ]
 
 

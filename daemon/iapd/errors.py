@@ -16,6 +16,7 @@ class IapdError(Exception):
         super().__init__(message)
         self.message = message
         self.extra = extra  # more JSON fields for the API's error body
+        self.http_status: int | None = None  # Google's HTTP status, where one was received
 
     def with_extra(self, **extra: object) -> "IapdError":
         clone = type(self)(self.message, **{**self.extra, **extra})

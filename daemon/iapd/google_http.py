@@ -71,4 +71,6 @@ async def request_text(session: aiohttp.ClientSession, method: str, url: str, *,
         if subtype == "invalid_rapt" or "invalid_rapt" in description:
             raise LoginRequired("your organisation's reauthentication policy requires a new login (invalid_rapt)")
         raise LoginRequired(f"the login has expired or was revoked ({description or 'invalid_grant'})")
-    raise UpstreamError(f"{what}: HTTP {status} {detail}")
+    error = UpstreamError(f"{what}: HTTP {status} {detail}")
+    error.http_status = status
+    raise error

@@ -7,43 +7,11 @@ protobuf): both happen in a worker thread, only when a secret must actually be r
 from __future__ import annotations
 
 import asyncio
-import json
 
 from iapd.config import Endpoints
 from iapd.crc32c import crc32c
 from iapd.errors import UpstreamError, UpstreamUnavailable
-
-CLOUD_PLATFORM = "https://www.googleapis.com/auth/cloud-platform"
-
-
-def load_google_credentials(path: str | None, endpoints: Endpoints, scopes: list[str]):
-    """A credentials file (or application-default credentials) for calling Google APIs.
-
-    Trap: google-auth ignores `token_uri` in an `authorized_user` file (gcloud's ADC) and always
-    uses Google's endpoint. We apply the file's own token_uri, else the configured token_url, so
-    private endpoints and the emulator work.
-    """
-    import google.auth
-    import google.oauth2.credentials
-    from google.auth import exceptions
-
-    try:
-        if path:
-            creds, _ = google.auth.load_credentials_from_file(path, scopes=scopes)
-            with open(path, encoding="utf-8") as fh:
-                token_uri = json.load(fh).get("token_uri")
-        else:
-            creds, _ = google.auth.default(scopes=scopes)
-            token_uri = None
-    except exceptions.DefaultCredentialsError as exc:
-        where = path or "application-default credentials"
-        hint = "" if path else " (run `gcloud auth application-default login`, or set secret_manager_credentials)"
-        raise UpstreamError(f"cannot load {where}: {str(exc).splitlines()[0][:200]}{hint}") from None
-    except (OSError, ValueError) as exc:
-        raise UpstreamError(f"cannot read credentials file {path}: {exc}") from None
-    if isinstance(creds, google.oauth2.credentials.Credentials):
-        creds = creds.with_token_uri(token_uri or endpoints.token_url)
-    return creds
+from iapd.google_creds import CLOUD_PLATFORM, load_google_credentials
 
 
 def _access(name: str, credentials_path: str | None, endpoints: Endpoints, timeout: float) -> str:

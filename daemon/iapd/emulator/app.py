@@ -118,6 +118,9 @@ def make_google_app(state: EmulatorState) -> web.Application:
               name="secret_manager")
     r.add_post("/v1/projects/-/serviceAccounts/{sa:[^/:]+}:generateIdToken", gcp.generate_id_token,
                name="iam_credentials")
+    r.add_post("/v1/projects/-/serviceAccounts/{sa:[^/:]+}:generateAccessToken", gcp.generate_access_token,
+               name="iam_access_token")
+    r.add_post("/v1/token", gcp.sts_token, name="sts")
     r.add_get("/", gcp.metadata_root, name="metadata_root")
     md = "/computeMetadata/v1/instance/service-accounts/{account}"
     r.add_get(md + "/identity", gcp.metadata_identity, name="metadata")
@@ -148,6 +151,7 @@ class EmulatorURLs:
             "metadata_url": b,
             "metadata_host": b.removeprefix("http://"),
             "iam_credentials_url": b,
+            "sts_url": f"{b}/v1/token",
             "control_url": f"{b}/_emulator",
             "iap_url": self.iap,
             "backend_url": self.backend,

@@ -6,7 +6,8 @@ import json
 from pathlib import Path
 
 from iapd.emulator.state import (
-    ADC_CLIENT_ID, DEMO_SA_EMAIL, DESKTOP_CLIENT_ID, DESKTOP_SECRET_NAME, IAP_CLIENT_ID, PROJECT, EmulatorState,
+    ADC_CLIENT_ID, DEMO_SA_EMAIL, DESKTOP_CLIENT_ID, DESKTOP_SECRET_NAME, IAP_CLIENT_ID, PROJECT, WIF_AUDIENCE,
+    WIF_ISSUER, WIF_SUBJECT, EmulatorState,
 )
 from iapd.fsutil import atomic_write
 
@@ -25,6 +26,20 @@ def write_demo_files(config_path: Path, state: EmulatorState, urls: dict[str, st
            "refresh_token": state.issue_refresh_token(ADC_CLIENT_ID, state.user_email, "https://www.googleapis.com/auth/cloud-platform"),
            "token_uri": urls["token_url"], "quota_project_id": PROJECT}
     atomic_write(adc_path, json.dumps(adc, indent=2).encode())
+
+    # Workload identity federation, as `gcloud iam workload-identity-pools create-cred-config`
+    # writes it for CI: a subject token from a file (in CI, the OIDC token of the job).
+    subject_path = folder / "emulator-oidc-token.jwt"
+    now = int(state.now())
+    subject = state.signing_key.sign({"iss": WIF_ISSUER, "aud": WIF_AUDIENCE, "sub": WIF_SUBJECT,
+                                      "iat": now, "exp": now + 24 * 3600})
+    atomic_write(subject_path, subject.encode())
+    wif = {"type": "external_account", "audience": WIF_AUDIENCE,
+           "subject_token_type": "urn:ietf:params:oauth:token-type:jwt", "token_url": urls["sts_url"],
+           "service_account_impersonation_url":
+               f"{urls['iam_credentials_url']}/v1/projects/-/serviceAccounts/{DEMO_SA_EMAIL}:generateAccessToken",
+           "credential_source": {"file": str(subject_path), "format": {"type": "text"}}}
+    atomic_write(folder / "emulator-wif.json", json.dumps(wif, indent=2).encode())
 
     sa = state.service_accounts[DEMO_SA_EMAIL]
     key = {"type": "service_account", "project_id": PROJECT, "private_key_id": sa.key.kid,

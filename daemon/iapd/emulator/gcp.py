@@ -8,12 +8,18 @@ from __future__ import annotations
 
 import base64
 import json
+import time
 
 from aiohttp import web
 
+from google.auth import exceptions as auth_exceptions
+from google.auth import jwt as google_jwt
+
 from iapd.crc32c import crc32c
-from iapd.emulator.oauth import STATE_KEY
-from iapd.emulator.state import METADATA_SA_EMAIL, PROJECT, PROJECT_NUMBER, EmulatorState
+from iapd.emulator.oauth import STATE_KEY, oauth_error
+from iapd.emulator.state import (
+    METADATA_SA_EMAIL, PROJECT, PROJECT_NUMBER, WIF_AUDIENCE, WIF_ISSUER, WIF_PRINCIPAL, EmulatorState,
+)
 
 
 def google_error(code: int, status: str, message: str) -> web.Response:
@@ -99,17 +105,18 @@ async def metadata_token(request: web.Request) -> web.Response:
     return _metadata_response(json.dumps(body), "application/json")
 
 
-async def generate_id_token(request: web.Request) -> web.Response:
-    """POST /v1/projects/-/serviceAccounts/{sa}:generateIdToken (IAM Credentials)."""
+async def _impersonation(request: web.Request, permission: str) -> tuple[dict, str] | web.Response:
+    """Authenticate the caller and check the delegation chain caller → delegates… → target.
+    Returns (request body, target email) or the error response."""
     state: EmulatorState = request.app[STATE_KEY]
     caller = _caller(request)
     if caller is None:
         return google_error(*UNAUTHENTICATED)
     try:
         body = await request.json()
-        audience = body["audience"]
-        delegates = [d.removeprefix("projects/-/serviceAccounts/") for d in body.get("delegates", [])]
-        include_email = bool(body.get("includeEmail", False))
+        if not isinstance(body, dict):
+            raise TypeError
+        delegates = [d.removeprefix("projects/-/serviceAccounts/") for d in body.get("delegates") or []]
     except (ValueError, KeyError, TypeError, AttributeError):
         return google_error(400, "INVALID_ARGUMENT", "Request contains an invalid argument.")
     target_email = request.match_info["sa"]
@@ -117,12 +124,64 @@ async def generate_id_token(request: web.Request) -> web.Response:
     for hop in chain:
         if hop not in state.service_accounts:
             return google_error(404, "NOT_FOUND", f"Not found; Gaia id not found for email {hop}")
-    # Each hop must be allowed to act as the next: caller → delegates… → target.
     actor = caller
     for hop in chain:
         if actor not in state.impersonators.get(hop, set()):
             return google_error(403, "PERMISSION_DENIED",
-                                "Permission 'iam.serviceAccounts.getOpenIdToken' denied on resource (or it may not exist).")
+                                f"Permission '{permission}' denied on resource (or it may not exist).")
         actor = hop
+    return body, target_email
+
+
+async def generate_id_token(request: web.Request) -> web.Response:
+    """POST /v1/projects/-/serviceAccounts/{sa}:generateIdToken (IAM Credentials)."""
+    state: EmulatorState = request.app[STATE_KEY]
+    checked = await _impersonation(request, "iam.serviceAccounts.getOpenIdToken")
+    if isinstance(checked, web.Response):
+        return checked
+    body, target = checked
+    audience = body.get("audience")
+    if not isinstance(audience, str) or not audience:
+        return google_error(400, "INVALID_ARGUMENT", "audience is required.")
     state.counters[f"generate_id_token:{audience}"] += 1
-    return web.json_response({"token": state.sa_id_token(state.service_accounts[target_email], audience, include_email)})
+    token = state.sa_id_token(state.service_accounts[target], audience, bool(body.get("includeEmail", False)))
+    return web.json_response({"token": token})
+
+
+async def generate_access_token(request: web.Request) -> web.Response:
+    """POST /v1/projects/-/serviceAccounts/{sa}:generateAccessToken (how external accounts and
+    impersonated credentials become a service account)."""
+    state: EmulatorState = request.app[STATE_KEY]
+    checked = await _impersonation(request, "iam.serviceAccounts.getAccessToken")
+    if isinstance(checked, web.Response):
+        return checked
+    _, target = checked
+    expire = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(state.now() + state.token_lifetime))
+    return web.json_response({"accessToken": state.issue_access_token(target), "expireTime": expire})
+
+
+TOKEN_EXCHANGE = "urn:ietf:params:oauth:grant-type:token-exchange"
+
+
+async def sts_token(request: web.Request) -> web.Response:
+    """POST /v1/token (Security Token Service): an external OIDC token for a federated token.
+
+    The emulator plays the external IdP too: the subject token must be signed by the emulator's
+    key with iss = WIF_ISSUER and aud = the pool provider, as GitHub's would be for a real pool."""
+    state: EmulatorState = request.app[STATE_KEY]
+    form = await request.post()
+    if form.get("grant_type") != TOKEN_EXCHANGE:
+        return oauth_error("unsupported_grant_type", "grant_type must be token-exchange")
+    if form.get("audience") != WIF_AUDIENCE:
+        return oauth_error("invalid_target", "The target service indicated by the \"audience\" parameters is invalid.")
+    key = state.signing_key
+    try:
+        claims = google_jwt.decode(str(form.get("subject_token", "")), certs={key.kid: key.cert_pem},
+                                   audience=WIF_AUDIENCE, clock_skew_in_seconds=int(abs(state.clock_offset)) + 10)
+    except (auth_exceptions.GoogleAuthError, ValueError) as exc:
+        return oauth_error("invalid_grant", f"The subject token is invalid: {str(exc)[:120]}")
+    if claims.get("iss") != WIF_ISSUER:
+        return oauth_error("invalid_grant", "The issuer of the subject token is not trusted by the provider.")
+    return web.json_response({"access_token": state.issue_access_token(WIF_PRINCIPAL),
+                              "issued_token_type": "urn:ietf:params:oauth:token-type:access_token",
+                              "token_type": "Bearer", "expires_in": state.token_lifetime})

@@ -26,6 +26,12 @@ DEMO_SA_EMAIL = f"demo-ci@{PROJECT}.iam.gserviceaccount.com"
 DEPLOYER_SA_EMAIL = f"deployer@{PROJECT}.iam.gserviceaccount.com"
 METADATA_SA_EMAIL = f"{PROJECT_NUMBER}-compute@developer.gserviceaccount.com"
 
+# Workload identity federation: a pool whose provider trusts an OIDC issuer (GitHub Actions, say).
+WIF_AUDIENCE = f"//iam.googleapis.com/projects/{PROJECT_NUMBER}/locations/global/workloadIdentityPools/ci/providers/github"
+WIF_SUBJECT = "repo:example/flyte-workflows:ref:refs/heads/main"
+WIF_PRINCIPAL = f"principal://iam.googleapis.com/projects/{PROJECT_NUMBER}/locations/global/workloadIdentityPools/ci/subject/{WIF_SUBJECT}"
+WIF_ISSUER = "https://token.actions.githubusercontent.com"
+
 FAULT_KINDS = {"500", "503", "429", "invalid_grant", "invalid_rapt", "delay", "drop"}
 
 
@@ -106,6 +112,9 @@ class EmulatorState:
         for email in (DEMO_SA_EMAIL, DEPLOYER_SA_EMAIL, METADATA_SA_EMAIL):
             state.add_service_account(email)
         state.impersonators[DEPLOYER_SA_EMAIL] = {user_email, DEMO_SA_EMAIL, METADATA_SA_EMAIL}
+        # The CI pool may act as demo-ci (workloadIdentityUser), which may mint its own ID tokens;
+        # deployer may act as demo-ci too (so a chain user → deployer → demo-ci exists).
+        state.impersonators[DEMO_SA_EMAIL] = {WIF_PRINCIPAL, DEMO_SA_EMAIL, DEPLOYER_SA_EMAIL}
         return state
 
     def add_service_account(self, email: str) -> ServiceAccount:
