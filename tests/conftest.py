@@ -169,7 +169,7 @@ class DaemonProcess:
     def login(self, profile: str = "demo-user") -> dict:
         """Start a login, let a 'browser' (curl following redirects) complete it, wait for it."""
         started = self.request("POST", f"/v1/login/{profile}").json()
-        assert started["state"] == "pending", started
+        assert started.get("state") == "pending", started
         browse(started["auth_url"])
         return self.request("GET", f"/v1/login/{profile}?wait=20").json()
 

@@ -36,13 +36,7 @@ def request(socket_path: str, method: str, target: str, body: bytes | None = Non
             timeout: float = DEFAULT_TIMEOUT) -> Response:
     sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
     try:
-        sock.settimeout(CONNECT_TIMEOUT)
-        try:
-            sock.connect(socket_path)
-        except (FileNotFoundError, ConnectionRefusedError, NotADirectoryError) as exc:
-            raise Unreachable(exc.strerror or str(exc)) from None
-        except TimeoutError:
-            raise Unreachable("connect timed out") from None
+        _connect(sock, socket_path)
         sock.settimeout(timeout)
         head = f"{method} {target} HTTP/1.1\r\nHost: iapd\r\nConnection: close\r\nUser-Agent: iapctl\r\n"
         if body is not None:
@@ -61,6 +55,27 @@ def request(socket_path: str, method: str, target: str, body: bytes | None = Non
     finally:
         sock.close()
     return _parse(b"".join(chunks))
+
+
+def _connect(sock, socket_path: str) -> None:
+    """Connect within CONNECT_TIMEOUT. Trap: a unix socket whose listen backlog is full answers
+    a connect with EAGAIN at once (it does not wait, as TCP would): retry until the deadline."""
+    import time
+
+    deadline = time.monotonic() + CONNECT_TIMEOUT
+    sock.settimeout(CONNECT_TIMEOUT)
+    while True:
+        try:
+            sock.connect(socket_path)
+            return
+        except (FileNotFoundError, ConnectionRefusedError, NotADirectoryError) as exc:
+            raise Unreachable(exc.strerror or str(exc)) from None
+        except TimeoutError:
+            raise Unreachable("connect timed out") from None
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                raise Unreachable("the daemon's connection queue stayed full") from None
+            time.sleep(0.005)
 
 
 def _parse(raw: bytes) -> Response:

@@ -167,7 +167,7 @@ class Agent:
         out: dict[str, Any] = {
             "name": name, "adhoc": name in self.adhoc, "kind": source.kind, "credential": source.key, "identity": source.identity(),
             "audience": profile.audience, "mode": "audience" if profile.audience else "allowlist",
-            "expires_in": None, "next_renewal_in": None, "refresh_count": 0,
+            "expires_in": None, "next_renewal_in": None, "refresh_count": 0, "waited_requests": 0,
             "last_refresh": None, "last_error": None, "login": login["state"],
         }
         token = entry.token if entry else None
@@ -189,6 +189,7 @@ class Agent:
             renewal = self.cache.next_renewal_in(entry)
             out["next_renewal_in"] = None if renewal is None else round(renewal)
             out["refresh_count"] = entry.refresh_count
+            out["waited_requests"] = entry.waited
             out["last_refresh"] = {"ok": entry.last_error is None, "at": _iso(entry.last_attempt_wall)} \
                 if entry.last_attempt_wall else None
             if entry.last_error is not None:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from iapd.clock import Clock
 from iapd.config import DaemonSettings
@@ -50,7 +50,8 @@ class Entry:
     last_success_wall: float | None = None
     refresh_count: int = 0
     last_request_mono: float = 0.0
-    waiters: int = field(default=0)
+    waiters: int = 0  # requests waiting on the refresh in flight now
+    waited: int = 0  # requests that ever had to wait for a refresh (0 in steady state is the goal)
 
     @property
     def login_required(self) -> bool:
@@ -95,6 +96,7 @@ class TokenCache:
             self._start(entry)
         assert entry.task is not None
         entry.waiters += 1
+        entry.waited += 1
         try:
             return await asyncio.wait_for(asyncio.shield(entry.task), self.settings.request_timeout_seconds)
         except asyncio.TimeoutError:

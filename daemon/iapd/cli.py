@@ -12,7 +12,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="iapd", description="Per-user credential agent for Google Cloud IAP.")
     parser.add_argument("--version", action="version", version=f"iapd {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    from iapd.emulator import cli as emulator_cli
+    from iapd.emulator import cli as emulator_cli  # arguments only; the emulator loads when run
 
     serve = sub.add_parser("serve", help="run the agent on its unix socket",
                            description="Run the agent: renew ID tokens per profile before they expire and serve "

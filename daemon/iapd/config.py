@@ -125,6 +125,8 @@ class DaemonSettings(_Strict):
     # How long a token request may wait for a refresh before it answers "upstream failure".
     request_timeout_seconds: float = Field(default=20, gt=0)
     http_timeout_seconds: float = Field(default=15, gt=0)
+    # A connection must send its request headers within this (slow or idle clients are closed).
+    header_timeout_seconds: float = Field(default=10, gt=0)
 
 
 class ClientSettings(_Strict):

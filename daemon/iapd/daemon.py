@@ -62,8 +62,9 @@ async def serve(config_path: str, socket_path: str | None, test_clock: bool = Fa
     if sock is not None:
         path, inode = sock.getsockname(), None  # systemd's socket: systemd removes it, not us
     else:
-        path = socket_path or os.environ.get("IAPD_SOCKET") or config.daemon.socket or default_socket_path()
-        sock = bind_socket(path)
+        chosen = socket_path or os.environ.get("IAPD_SOCKET") or config.daemon.socket
+        path = chosen or default_socket_path()
+        sock = bind_socket(path, own_dir=not chosen)
         inode = os.lstat(path).st_ino
     try:
         store = await CredentialStore.open(default_state_dir(config))
@@ -79,7 +80,7 @@ async def serve(config_path: str, socket_path: str | None, test_clock: bool = Fa
                            keepalive_timeout=15, max_line_size=MAX_HEADER_FIELD, max_field_size=MAX_HEADER_FIELD,
                            max_headers=64)
     await runner.setup()
-    site = GuardedUnixSite(runner, sock, agent.cached_token)
+    site = GuardedUnixSite(runner, sock, agent.cached_token, config.daemon.header_timeout_seconds)
     await site.start()
     agent.cache.start()
     stop = asyncio.Event()

@@ -16,17 +16,22 @@ class UnsafePath(Exception):
     """A directory we would put secrets in is a symlink, or owned or writable by someone else."""
 
 
-def ensure_private_dir(path: Path) -> Path:
-    """Create `path` 0700 if missing; refuse a symlink or a directory another user can use."""
+def ensure_private_dir(path: Path, tighten: bool = True) -> Path:
+    """Create `path` 0700 if missing. Refuse a symlink, a directory of another user, or one
+    that other users can write to (they could swap our files). With `tighten` (directories that
+    are iapd's own), also remove any read/search access for others."""
     path.mkdir(mode=0o700, parents=True, exist_ok=True)
     info = os.lstat(path)
     if stat.S_ISLNK(info.st_mode):
-        raise UnsafePath(f"{path} is a symlink; refusing to keep credentials behind it")
+        raise UnsafePath(f"{path} is a symlink; refusing to keep credentials or a socket behind it")
     if not stat.S_ISDIR(info.st_mode):
         raise UnsafePath(f"{path} is not a directory")
     if info.st_uid != os.getuid():
         raise UnsafePath(f"{path} belongs to uid {info.st_uid}, not to you (uid {os.getuid()})")
-    if info.st_mode & 0o077:
+    if info.st_mode & 0o022:
+        raise UnsafePath(f"{path} is writable by other users (mode {stat.S_IMODE(info.st_mode):o}): "
+                         f"use a private directory, or `chmod 700 {path}`")
+    if tighten and info.st_mode & 0o077:
         os.chmod(path, 0o700)
     return path
 

@@ -35,7 +35,6 @@ AGENT = web.AppKey("agent", Agent)
 
 MAX_BODY = 64 * 1024
 MAX_HEADER_FIELD = 8 * 1024
-HEADER_TIMEOUT = 10.0
 
 
 def error_response(code: str, message: str, status: int, **extra: object) -> web.Response:
@@ -156,8 +155,10 @@ class GuardedProtocol(asyncio.Protocol):
       takes (~0.2 ms against ~0.45 ms to the first byte). Anything else goes to aiohttp.
     """
 
-    def __init__(self, inner: asyncio.Protocol, fast_token: Callable[[str], str | None] | None = None) -> None:
+    def __init__(self, inner: asyncio.Protocol, fast_token: Callable[[str], str | None] | None,
+                 header_timeout: float) -> None:
         self.inner = inner
+        self.header_timeout = header_timeout
         self.fast_token = fast_token
         self.timer: asyncio.TimerHandle | None = None
         self.head = b""
@@ -172,7 +173,7 @@ class GuardedProtocol(asyncio.Protocol):
             transport.abort()
             return
         self.transport = transport  # type: ignore[assignment]
-        self.timer = asyncio.get_running_loop().call_later(HEADER_TIMEOUT, self._too_slow)
+        self.timer = asyncio.get_running_loop().call_later(self.header_timeout, self._too_slow)
         self.inner.connection_made(transport)
 
     def _fast_path(self, data: bytes) -> bool:
@@ -200,7 +201,7 @@ class GuardedProtocol(asyncio.Protocol):
 
     def _too_slow(self) -> None:
         if self.transport is not None:
-            log.info("closed a connection that sent no complete request within %.0fs", HEADER_TIMEOUT)
+            log.info("closed a connection that sent no complete request within %.0fs", self.header_timeout)
             self.transport.abort()
 
     def data_received(self, data: bytes) -> None:
@@ -238,10 +239,11 @@ class GuardedUnixSite(web.BaseSite):
     """An aiohttp site on an already-bound unix socket whose connections go through the guard."""
 
     def __init__(self, runner: web.BaseRunner, sock: socket.socket,
-                 fast_token: Callable[[str], str | None] | None = None) -> None:
+                 fast_token: Callable[[str], str | None] | None = None, header_timeout: float = 10.0) -> None:
         super().__init__(runner, shutdown_timeout=5.0)
         self._sock = sock
         self._fast_token = fast_token
+        self._header_timeout = header_timeout
 
     @property
     def name(self) -> str:
@@ -252,13 +254,13 @@ class GuardedUnixSite(web.BaseSite):
         server = self._runner.server
         assert server is not None
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_unix_server(lambda: GuardedProtocol(server(), self._fast_token),
+        self._server = await loop.create_unix_server(lambda: GuardedProtocol(server(), self._fast_token, self._header_timeout),
                                                    sock=self._sock)
 
 
-def _check_socket_dir(path: Path) -> None:
+def _check_socket_dir(path: Path, ours: bool) -> None:
     try:
-        ensure_private_dir(path)
+        ensure_private_dir(path, tighten=ours)
     except UnsafePath as exc:
         raise SystemExit(f"iapd: unsafe socket directory: {exc}") from None
     except OSError as exc:
@@ -290,11 +292,12 @@ def inherited_socket() -> socket.socket | None:
     return sock
 
 
-def bind_socket(path: str) -> socket.socket:
-    """Bind the listening socket: 0600 in a 0700 directory; replace a stale socket from a dead
-    daemon, but never steal one that a live daemon answers on."""
+def bind_socket(path: str, own_dir: bool = True) -> socket.socket:
+    """Bind the listening socket: 0600 in a private directory (made 0700 when it is iapd's own:
+    `own_dir`); replace a stale socket from a dead daemon, but never steal one a live daemon
+    answers on."""
     target = Path(path)
-    _check_socket_dir(target.parent)
+    _check_socket_dir(target.parent, own_dir)
     if os.path.lexists(target):
         mode = os.lstat(target).st_mode
         if not stat.S_ISSOCK(mode):
@@ -318,7 +321,7 @@ def bind_socket(path: str) -> socket.socket:
     finally:
         os.umask(old_umask)
     os.chmod(target, 0o600)
-    sock.listen(128)
+    sock.listen(1024)  # bursts of clients (flytekit fans out); the kernel caps it at somaxconn
     sock.setblocking(False)
     return sock
 

@@ -34,7 +34,14 @@ class CredentialStore:
         return cls(path, await asyncio.to_thread(cls._read, path))
 
     @staticmethod
-    def _read(path: Path) -> dict[str, dict[str, Any]]:
+    def _remove_leftovers(path: Path) -> None:
+        """Temp files of a writer killed before its rename: never the real state, safe to drop."""
+        for leftover in path.parent.glob(f".{path.name}.*.tmp"):
+            leftover.unlink(missing_ok=True)
+
+    @classmethod
+    def _read(cls, path: Path) -> dict[str, dict[str, Any]]:
+        cls._remove_leftovers(path)
         try:
             raw = path.read_bytes()
         except FileNotFoundError:

@@ -8,10 +8,6 @@ import ipaddress
 import signal
 import sys
 
-from iapd.emulator.app import Emulator
-from iapd.emulator.state import EmulatorState
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="loopback address to bind (default: %(default)s)")
     parser.add_argument("--port", type=int, default=0, help="port of the Google endpoints (default: any free port)")
@@ -36,6 +32,10 @@ def _check_loopback(host: str) -> None:
 
 
 async def _run(args: argparse.Namespace) -> None:
+    # Imported here: `iapd serve` builds this parser too, and must not pay for the emulator.
+    from iapd.emulator.app import Emulator
+    from iapd.emulator.state import EmulatorState
+
     state = EmulatorState.demo(user_email=args.user_email, token_lifetime=args.token_lifetime)
     if args.consent:
         state.approve = "consent"

@@ -17,7 +17,7 @@ from aiohttp import web
 from google.auth import exceptions as google_exceptions
 from google.auth import jwt as google_jwt
 
-from iapd.emulator.state import ISSUER, CodeGrant, EmulatorState, OAuthClient
+from iapd.emulator.state import ADC_CLIENT_ID, ISSUER, CodeGrant, EmulatorState, OAuthClient
 
 STATE_KEY = web.AppKey("state", EmulatorState)
 USERINFO_EMAIL = "https://www.googleapis.com/auth/userinfo.email"
@@ -217,8 +217,9 @@ def _refresh(state: EmulatorState, request: web.Request, form) -> web.Response:
         "token_type": "Bearer",
         "id_token": state.user_id_token(grant.email, client.client_id, audience),
     }
-    if state.rotate_refresh_tokens:
-        # Google does not rotate refresh tokens, other IdPs do: the old one dies at once.
+    if state.rotate_refresh_tokens and grant.client_id != ADC_CLIENT_ID:
+        # Google does not rotate refresh tokens, other IdPs do: the old one dies at once. (Not for
+        # the ADC file's grant: that file is gcloud's, and nothing would write the new token back.)
         del state.refresh_tokens[refresh_token]
         body["refresh_token"] = state.issue_refresh_token(grant.client_id, grant.email, grant.scope)
     return web.json_response(body)

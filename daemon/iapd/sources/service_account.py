@@ -19,9 +19,6 @@ import re
 import time
 from typing import TYPE_CHECKING, Any
 
-from google.auth import crypt
-from google.auth import jwt as google_jwt
-
 from iapd.config import ADCSource, ImpersonateSource, KeyFileSource, MetadataSource
 from iapd.errors import LoginRequired, UpstreamError, UpstreamUnavailable
 from iapd.google_creds import CLOUD_PLATFORM, adc_file, fresh_access_token, load_google_credentials
@@ -54,6 +51,9 @@ class KeyFileCredential:
         return self._info.get("client_email") if self._info else None
 
     def _load(self) -> dict[str, Any]:
+        # google.auth.crypt pulls in cryptography (~50 ms, several MiB): only for key-file users.
+        from google.auth import crypt
+
         try:
             with open(self.path, encoding="utf-8") as fh:
                 info = json.load(fh)
@@ -79,6 +79,8 @@ class KeyFileCredential:
         now = int(time.time())
         claims = {"iss": self._info["client_email"], "aud": token_url, "iat": now, "exp": now + 3600,
                   "target_audience": audience}
+        from google.auth import jwt as google_jwt
+
         assertion = google_jwt.encode(self._info["_signer"], claims).decode()
         try:
             body = await request_json(self.agent.session, "POST", token_url, what="getting a service-account ID token",
