@@ -20,8 +20,12 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python scripts/demo.py
 
+# Benchmarks print ratios measured side by side in one run; thresholds live here, not in tests.
 bench: $(STAMP)
 	$(BIN)/python bench/client_latency.py
+	$(BIN)/python bench/daemon_load.py
+	$(BIN)/python bench/daemon_resources.py
+	$(BIN)/python bench/renewal_soak.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info daemon/*.egg-info

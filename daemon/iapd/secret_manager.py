@@ -1,12 +1,17 @@
-"""Reading the desktop client's secret from Secret Manager, once.
+"""Reading the desktop client's secret from Secret Manager, once per login.
 
-google-cloud-secret-manager and its credentials are synchronous and heavy to import (grpc,
-protobuf): both happen in a worker thread, only when a secret must actually be read.
+google-cloud-secret-manager is synchronous and heavy: importing it (grpc, protobuf, api-core)
+adds ~20 MiB that a long-running daemon would carry for ever after one read. So the read runs
+in a short-lived child process (`python -m iapd.secret_manager`): a JSON request on its stdin,
+the secret or a classified error as JSON on its stdout — a pipe, never a log or an argument.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
+import sys
 
 from iapd.config import Endpoints
 from iapd.crc32c import crc32c
@@ -48,5 +53,46 @@ def _access(name: str, credentials_path: str | None, endpoints: Endpoints, timeo
         raise UpstreamError(f"{what}: the secret is not UTF-8 text") from None
 
 
+log = logging.getLogger("iapd.secret_manager")
+ERRORS = {UpstreamError.code: UpstreamError, UpstreamUnavailable.code: UpstreamUnavailable}
+
+
 async def read_secret(name: str, credentials_path: str | None, endpoints: Endpoints, timeout: float) -> str:
-    return await asyncio.to_thread(_access, name, credentials_path, endpoints, timeout)
+    request = json.dumps({"name": name, "credentials": credentials_path, "endpoints": endpoints.model_dump(),
+                          "timeout": timeout}).encode()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "iapd.secret_manager", stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    try:
+        # Importing the client takes about a second; the call itself is bounded by `timeout`.
+        out, err = await asyncio.wait_for(proc.communicate(request), timeout + 30)
+    except asyncio.TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise UpstreamUnavailable(f"reading client secret {name}: timed out") from None
+    try:
+        answer = json.loads(out)
+        if "secret" in answer:
+            return answer["secret"]
+        raise ERRORS[answer["error"]](answer["message"])
+    except (ValueError, KeyError, TypeError):
+        # A crash of the child: its last stderr line names the exception (never the secret,
+        # which is only ever written to stdout).
+        last = err.decode(errors="replace").strip().splitlines()[-1:] or [f"exit status {proc.returncode}"]
+        log.error("the Secret Manager reader failed: %s", last[0][:200])
+        raise UpstreamError(f"reading client secret {name} failed unexpectedly; see iapd's log") from None
+
+
+def _child() -> None:
+    request = json.load(sys.stdin)
+    try:
+        secret = _access(request["name"], request["credentials"], Endpoints(**request["endpoints"]),
+                         float(request["timeout"]))
+    except (UpstreamError, UpstreamUnavailable) as exc:
+        json.dump({"error": exc.code, "message": exc.message}, sys.stdout)
+    else:
+        json.dump({"secret": secret}, sys.stdout)
+
+
+if __name__ == "__main__":
+    _child()

@@ -18,6 +18,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="lifetime of every token issued (default: %(default)s, as Google)")
     parser.add_argument("--consent", action="store_true",
                         help="show a consent page instead of approving logins automatically")
+    parser.add_argument("--extra-iap-clients", type=int, default=0, metavar="N",
+                        help="register N more IAP (web) clients, 123456789012-iap-0 … -N-1, as audiences for tests")
     parser.add_argument("--write-config", metavar="PATH",
                         help="write a ready-to-use iapd config (profiles demo-user and demo-sa) to PATH")
 
@@ -39,6 +41,7 @@ async def _run(args: argparse.Namespace) -> None:
     state = EmulatorState.demo(user_email=args.user_email, token_lifetime=args.token_lifetime)
     if args.consent:
         state.approve = "consent"
+    state.add_iap_clients(args.extra_iap_clients)
     emulator = await Emulator(state, host=args.host, port=args.port, iap_port=args.iap_port,
                               backend_url=args.backend).start()
     config = str(emulator.write_config(args.write_config)) if args.write_config else None

@@ -117,6 +117,13 @@ class EmulatorState:
         state.impersonators[DEMO_SA_EMAIL] = {WIF_PRINCIPAL, DEMO_SA_EMAIL, DEPLOYER_SA_EMAIL}
         return state
 
+    def add_iap_clients(self, count: int) -> list[str]:
+        """More web clients (audiences), as a project with many IAP-protected apps has."""
+        ids = [f"{PROJECT_NUMBER}-iap-{i}.apps.googleusercontent.com" for i in range(count)]
+        for client_id in ids:
+            self.clients[client_id] = OAuthClient(client_id, "GOCSPX-" + secrets.token_urlsafe(24), desktop=False)
+        return ids
+
     def add_service_account(self, email: str) -> ServiceAccount:
         unique_id = str(100000000000000000000 + len(self.service_accounts) + secrets.randbelow(10**9))
         sa = ServiceAccount(email, unique_id, SigningKey.generate(email))
