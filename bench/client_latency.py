@@ -14,7 +14,6 @@ and the same for `iapctl status`. Prints medians and ratios to A. Goal: B ≤ 1.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics
@@ -23,6 +22,9 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _stack import start_daemon, start_emulator, stop  # noqa: E402
 
 GOAL = 1.15
 WRAPPER = ("import re, sys\nfrom iapctl.cli import main\n"
@@ -39,26 +41,11 @@ def timed(cmd: list[str], env: dict) -> float:
 
 
 def start_stack(tmp: Path) -> tuple[list[subprocess.Popen], dict]:
-    config = tmp / "config.toml"
-    emulator = subprocess.Popen([sys.executable, "-m", "iapd", "emulator", "--write-config", str(config)],
-                                stdout=subprocess.PIPE, text=True)
-    json.loads(emulator.stdout.readline())
-    env = {**os.environ, "IAPD_CONFIG": str(config), "IAPD_SOCKET": str(tmp / "run" / "iapd.sock"),
-           "XDG_STATE_HOME": str(tmp / "state"), "IAPD_AUTOSTART": "0", "IAPD_AUTO_LOGIN": "0"}
-    notify = tmp / "notify"
-    import socket
-
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    listener.bind(str(notify))
-    listener.settimeout(30)
-    daemon = subprocess.Popen([sys.executable, "-m", "iapd", "serve", "--log-level", "warning"],
-                              env={**env, "NOTIFY_SOCKET": str(notify)})
-    listener.recv(1024)
-    listener.close()
-    iapctl = shutil.which("iapctl", path=os.path.dirname(sys.executable))
+    emulator, _, config = start_emulator(tmp)
+    daemon, env = start_daemon(tmp, config)
     login_env = {**env, "BROWSER": "curl -sSL -o /dev/null %s"}
-    subprocess.run([iapctl, "login", "demo-user"], env=login_env, check=True, stdout=subprocess.DEVNULL,
-                   stderr=subprocess.DEVNULL)
+    subprocess.run([sys.executable, "-m", "iapctl", "login", "demo-user"], env=login_env, check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return [daemon, emulator], env
 
 
@@ -113,9 +100,7 @@ def main() -> int:
                 for label, cmd in status.items():
                     status_samples[label].append(timed(cmd, env))
         finally:
-            for proc in procs:
-                proc.terminate()
-                proc.wait()
+            stop(*procs)
     print(f"{pairs} interleaved rounds on {os.cpu_count()} cores; iapctl installed (not editable) in {bin_dir}, "
           f"Python {sys.version.split()[0]}")
     token = report("iapctl token (warm daemon, cache hit)", token_samples, "A  python -c pass")

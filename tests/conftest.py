@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -180,6 +181,18 @@ class DaemonProcess:
         assert self.proc is not None
         stop_process(self.proc)
         return self.proc.returncode
+
+
+def wait_for(predicate, timeout: float = 20, what: str = "condition"):
+    """Wait on another process's state (a daemon's background renewal): bounded, short polls.
+    Only for what cannot be awaited: the daemon's own timers."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
 
 
 def browse(url: str) -> None:

@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
-from iapctl import wire
+from conftest import wait_for
 from iapd.jwt import unverified_claims
 
 DESKTOP = "123456789012-desktop.apps.googleusercontent.com"
@@ -39,17 +39,6 @@ def with_allowlist_profile(emulator, tmp_path):
 def iap_admits(emulator, token: str) -> bool:
     resp = requests.get(emulator.url("iap_url") + "/", headers={"Proxy-Authorization": f"Bearer {token}"}, timeout=10)
     return resp.status_code == 200
-
-
-def wait_for(predicate, timeout: float = 20, what: str = "condition"):
-    """Wait on another process's state (a daemon's renewal): bounded, with a short poll."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_login_then_tokens_with_audience_pass_iap(daemon, emulator):
@@ -80,11 +69,11 @@ def test_allowlist_mode_and_shared_login(daemon_factory, emulator, tmp_path):
 
 def test_restarted_daemon_serves_without_new_login_and_reads_secret_once(daemon, emulator):
     daemon.login()
-    first = daemon.token("demo-user")
+    daemon.token("demo-user")
     assert daemon.stop() == 0
     assert not os.path.exists(daemon.socket)  # a clean shutdown removes its socket
     daemon.start()
-    second = daemon.token("demo-user")  # a fresh refresh (may equal `first` if within one second)
+    second = daemon.token("demo-user")  # a fresh refresh (within one second it may equal the first)
     assert iap_admits(emulator, second)
     counters = emulator.counters()
     assert counters["auth"] == 1 and counters["secret_manager"] == 1 and counters[f"refresh:{IAP}"] == 2

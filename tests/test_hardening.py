@@ -13,12 +13,12 @@ import stat
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from conftest import wait_for
 from iapd.jwt import unverified_claims
 
 IAP = "123456789012-iap.apps.googleusercontent.com"
@@ -31,17 +31,6 @@ backoff_initial_seconds = 0.1
 backoff_cap_seconds = 0.4
 header_timeout_seconds = 1
 """
-
-
-def wait_for(predicate, timeout: float = 20, what: str = "condition"):
-    """Wait on another process's state: bounded, with a short poll."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 # -- faults at the IdP ------------------------------------------------------------------------
@@ -122,8 +111,9 @@ def test_kill_9_during_store_writes_leaves_old_or_new_never_broken(tmp_path):
     state = tmp_path / "state"
     seen = set()
     for _ in range(100):
-        proc = subprocess.Popen([sys.executable, "-c", WRITER, str(state)], stdout=subprocess.PIPE, text=True)
-        assert proc.stdout.readline().strip() == "open"
+        proc = subprocess.Popen([sys.executable, "-c", WRITER, str(state)], stdout=subprocess.PIPE, text=True,
+                                stderr=subprocess.PIPE)
+        assert proc.stdout.readline().strip() == "open", proc.stderr.read()
         time.sleep(random.uniform(0, 0.02))
         proc.send_signal(signal.SIGKILL)
         proc.wait()
@@ -366,3 +356,18 @@ def test_no_secret_ever_logged(daemon_factory, emulator, tmp_path):
     for secret in secrets:
         assert secret and secret not in logs
         assert secret[-24:] not in logs  # not even a tail of one
+
+
+def test_an_idle_audience_stops_being_renewed_ahead_of_time(daemon_factory, emulator):
+    daemon = daemon_factory(FAST + "idle_seconds = 1\n")
+    daemon.login()
+    daemon.token("demo-user")
+    assert daemon.profile_status("demo-user")["next_renewal_in"] is not None
+    emulator._post("reset_counters")
+    time.sleep(1.6)  # nobody asks for 1 s: the audience is idle (the clock itself is under test here)
+    assert daemon.profile_status("demo-user")["next_renewal_in"] is None
+    daemon.set_clock(3600 - 600)  # renewal would be due now ...
+    time.sleep(1.5)  # ... three ticks pass ...
+    assert emulator.counters().get("token", 0) == 0  # ... and the IdP sees nothing
+    daemon.token("demo-user")  # on demand it is served at once, and renewal resumes behind it
+    wait_for(lambda: emulator.counters().get("token", 0) == 1, what="the renewal to resume")

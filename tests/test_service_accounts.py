@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
+from conftest import wait_for
 from iapd.jwt import unverified_claims
 
 IAPCTL = shutil.which("iapctl", path=os.path.dirname(sys.executable))
@@ -156,12 +157,8 @@ def test_concurrency_renewal_and_faults_hold_for_service_accounts(daemon_factory
     emulator.fault("503", count=2)
     daemon.set_clock(3600 - 2)  # renewal due now; Google fails twice
     assert daemon.token("demo-sa") == first  # the valid token is served meanwhile
-    deadline_counter = lambda: emulator.counters().get(f"sa_id_token:{IAP}", 0)  # noqa: E731
-    import time
-    deadline = time.monotonic() + 20
-    while deadline_counter() < 2 and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert deadline_counter() == 2 and emulator.counters()["fault:token:503"] == 2
+    wait_for(lambda: emulator.counters().get(f"sa_id_token:{IAP}", 0) == 2, what="the renewal after two 503s")
+    assert emulator.counters()["fault:token:503"] == 2
 
 
 def test_flyte_iap_drop_in_with_workload_identity_file(daemon, emulator):
