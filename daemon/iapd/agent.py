@@ -40,7 +40,6 @@ class Agent:
         self.session = session
         self.clock = clock
         self.socket_path = socket_path
-        self.started_wall = clock.wall()
         self.started_mono = clock.mono()
         self.cache = TokenCache(config.daemon, clock)
         self.logins = LoginManager(config.endpoints.auth_url, config.daemon.login_timeout_seconds, self.cache.forget)

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from iapd.clock import Clock
 from iapd.config import DaemonSettings
-from iapd.errors import IapdError, LoginRequired, UpstreamError, UpstreamUnavailable
+from iapd.errors import IapdError, LoginRequired, UpstreamError, UpstreamUnavailable, without_message
 from iapd.jwt import fingerprint
 from iapd.sources.base import IdToken, TokenSource
 
@@ -50,7 +50,6 @@ class Entry:
     last_success_wall: float | None = None
     refresh_count: int = 0
     last_request_mono: float = 0.0
-    waiters: int = 0  # requests waiting on the refresh in flight now
     waited: int = 0  # requests that ever had to wait for a refresh (0 in steady state is the goal)
 
     @property
@@ -77,8 +76,6 @@ class TokenCache:
             sibling = next((e for e in self.entries.values() if e.source.key == source.key and e.login_required), None)
             if sibling is not None:
                 entry.last_error = sibling.last_error
-        elif entry.source is not source:
-            entry.source = source  # config reloaded: the same credential, a new source object
         return entry
 
     async def get(self, source: TokenSource, audience: str | None) -> IdToken:
@@ -95,14 +92,11 @@ class TokenCache:
                 raise entry.last_error  # backing off: fail fast instead of hammering the IdP
             self._start(entry)
         assert entry.task is not None
-        entry.waiters += 1
         entry.waited += 1
         try:
             return await asyncio.wait_for(asyncio.shield(entry.task), self.settings.request_timeout_seconds)
         except asyncio.TimeoutError:
             raise UpstreamUnavailable("the token endpoint is slow to answer; try again shortly") from None
-        finally:
-            entry.waiters -= 1
 
     def peek(self, source: TokenSource, audience: str | None) -> IdToken | None:
         """The cached token if it can be served as it is (more than the margin left), else None.
@@ -138,8 +132,7 @@ class TokenCache:
             raise
         except Exception as exc:  # noqa: BLE001 - a source's surprise must not become a 500 loop
             if not isinstance(exc, IapdError):
-                # Only the type goes to the log: library messages may quote response bodies.
-                log.error("%s: unexpected %s while refreshing", entry.source.key, type(exc).__name__)
+                log.error("%s: unexpected error while refreshing: %s", entry.source.key, without_message(exc))
                 exc = UpstreamError(f"unexpected error while getting a token ({type(exc).__name__}); see iapd's log")
             entry.failures += 1
             delay = min(self.settings.backoff_cap_seconds,

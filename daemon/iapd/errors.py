@@ -7,6 +7,8 @@ a person, and never contain a token, a refresh token or a secret.
 
 from __future__ import annotations
 
+import traceback
+
 
 class IapdError(Exception):
     code = "internal"
@@ -58,3 +60,11 @@ class BadRequest(IapdError):
 class Conflict(IapdError):
     code = "conflict"
     status = 409
+
+
+def without_message(exc: BaseException) -> str:
+    """An unexpected exception for the log: its type and where it was raised, not its message
+    — a library's message may quote a response body, a URL or a header, and so a secret."""
+    frames = traceback.extract_tb(exc.__traceback__)[-4:]
+    where = " <- ".join(f"{f.filename.rsplit('/', 1)[-1]}:{f.lineno} {f.name}" for f in reversed(frames))
+    return f"{type(exc).__module__}.{type(exc).__qualname__} at {where or 'unknown'}"

@@ -15,7 +15,7 @@ import sys
 
 from iapd.config import Endpoints
 from iapd.crc32c import crc32c
-from iapd.errors import UpstreamError, UpstreamUnavailable
+from iapd.errors import UpstreamError, UpstreamUnavailable, without_message
 from iapd.google_creds import CLOUD_PLATFORM, load_google_credentials
 
 
@@ -65,7 +65,7 @@ async def read_secret(name: str, credentials_path: str | None, endpoints: Endpoi
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     try:
         # Importing the client takes about a second; the call itself is bounded by `timeout`.
-        out, err = await asyncio.wait_for(proc.communicate(request), timeout + 30)
+        out, _ = await asyncio.wait_for(proc.communicate(request), timeout + 30)
     except asyncio.TimeoutError:
         proc.kill()
         await proc.wait()
@@ -76,10 +76,8 @@ async def read_secret(name: str, credentials_path: str | None, endpoints: Endpoi
             return answer["secret"]
         raise ERRORS[answer["error"]](answer["message"])
     except (ValueError, KeyError, TypeError):
-        # A crash of the child: its last stderr line names the exception (never the secret,
-        # which is only ever written to stdout).
-        last = err.decode(errors="replace").strip().splitlines()[-1:] or [f"exit status {proc.returncode}"]
-        log.error("the Secret Manager reader failed: %s", last[0][:200])
+        # The child died before it could answer (killed, out of memory, a broken install).
+        log.error("the Secret Manager reader exited with status %s and no answer", proc.returncode)
         raise UpstreamError(f"reading client secret {name} failed unexpectedly; see iapd's log") from None
 
 
@@ -90,6 +88,9 @@ def _child() -> None:
                          float(request["timeout"]))
     except (UpstreamError, UpstreamUnavailable) as exc:
         json.dump({"error": exc.code, "message": exc.message}, sys.stdout)
+    except Exception as exc:  # noqa: BLE001 - anything else is reported, without its message
+        json.dump({"error": UpstreamError.code,
+                   "message": f"reading client secret failed unexpectedly: {without_message(exc)}"}, sys.stdout)
     else:
         json.dump({"secret": secret}, sys.stdout)
 

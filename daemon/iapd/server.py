@@ -26,7 +26,7 @@ from typing import Any, Awaitable, Callable
 from aiohttp import web
 
 from iapd.agent import Agent
-from iapd.errors import BadRequest, IapdError
+from iapd.errors import BadRequest, IapdError, without_message
 from iapd.fsutil import UnsafePath, ensure_private_dir
 from iapd.peercred import peer_uid
 
@@ -54,8 +54,8 @@ async def errors_as_json(request: web.Request, handler: Callable[[web.Request], 
         return error_response(code, exc.reason, exc.status)
     except asyncio.CancelledError:
         raise
-    except Exception:
-        log.exception("internal error on %s %s", request.method, request.path)
+    except Exception as exc:
+        log.error("internal error on %s %s: %s", request.method, request.path, without_message(exc))
         return error_response("internal", "internal error in iapd; see its log", 500)
 
 
