@@ -92,7 +92,8 @@ def main() -> int:
             token_ms = timed([str(BIN / "iapctl"), "token", "demo-user"], env)
             python_ms = timed([sys.executable, "-c", "pass"], env)
             print(f"  20 more calls: {token_ms:.1f} ms each, against {python_ms:.1f} ms for `python -c pass` "
-                  "(flyte-iap: ~1070 ms).\n  bench/client_latency.py measures this properly.")
+                  "(flyte-iap: ~1070 ms).\n  This checkout's install is editable, which slows every import; "
+                  "`make bench` measures a regular install, side by side.")
 
             step("Send it through the emulated IAP as proxy-authorization")
             request = urllib.request.Request(info["iap_url"] + "/api/v1/projects",
