@@ -23,7 +23,7 @@ LOGIN_REQUIRED = 4  # run `iapctl login PROFILE`
 BAD_PROFILE = 5    # unknown profile, or a config iapd cannot use
 UPSTREAM = 6       # Google (or the network to it) failed: try again later
 
-_BY_ERROR = {"login_required": LOGIN_REQUIRED, "unknown_profile": BAD_PROFILE, "bad_request": BAD_PROFILE,
+EXIT_CODE_OF_ERROR = {"login_required": LOGIN_REQUIRED, "unknown_profile": BAD_PROFILE, "bad_request": BAD_PROFILE,
              "upstream_error": UPSTREAM, "upstream_unavailable": UPSTREAM}
 
 _SAFE = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-@")
@@ -122,7 +122,7 @@ def _failure_of(profile: str, error: dict) -> Failure:
     if code == "upstream_unavailable":
         return Failure(f"Google is not answering for profile {profile} ({message}); try again shortly",
                        UPSTREAM)
-    return Failure(message or f"iapd answered {code}", _BY_ERROR.get(code, ERROR))
+    return Failure(message or f"iapd answered {code}", EXIT_CODE_OF_ERROR.get(code, ERROR))
 
 
 def main(argv: list[str] | None = None) -> int:

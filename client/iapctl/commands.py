@@ -10,8 +10,8 @@ import sys
 
 from iapctl import __version__, paths
 from iapctl.cli import (
-    BAD_PROFILE, ERROR, LOGIN_REQUIRED, OK, UNREACHABLE, UPSTREAM, USAGE, Failure, call, error_of, fail, run,
-    valid_profile,
+    BAD_PROFILE, ERROR, EXIT_CODE_OF_ERROR, LOGIN_REQUIRED, OK, UNREACHABLE, UPSTREAM, USAGE, Failure, call, error_of,
+    fail, run, valid_profile,
 )
 
 EXIT_CODES = f"""exit codes:
@@ -108,8 +108,11 @@ def dispatch(argv: list[str]) -> int:
 def _checked(resp) -> dict:
     if resp.status != 200:
         error = error_of(resp)
-        code = {"unknown_profile": BAD_PROFILE, "bad_request": USAGE, "login_required": LOGIN_REQUIRED}
-        raise Failure(error.get("message", "failed"), code.get(error.get("error"), UPSTREAM if resp.status >= 500 else ERROR))
+        # The token path's mapping, except that a request these commands build from their
+        # arguments and the daemon refuses (bad_request) is a usage error here.
+        codes = {**EXIT_CODE_OF_ERROR, "bad_request": USAGE}
+        raise Failure(error.get("message", "failed"),
+                      codes.get(error.get("error"), UPSTREAM if resp.status >= 500 else ERROR))
     return resp.json()
 
 
