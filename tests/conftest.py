@@ -49,7 +49,8 @@ class EmulatorProcess:
         return self.state()["counters"]
 
     def reset(self) -> None:
-        self.settings(token_lifetime=3600, clock_offset=0, approve="auto", rotate_refresh_tokens=False)
+        self.settings(token_lifetime=3600, clock_offset=0, approve="auto", rotate_refresh_tokens=False,
+                      user_email="demo@example.com")
         self._post("clear_faults")
         self._post("reset_counters")
 
@@ -125,7 +126,8 @@ class DaemonProcess:
         self.env = {**os.environ, "IAPD_CONFIG": str(self.config), "IAPD_SOCKET": self.socket, **(env or {})}
         self.proc: subprocess.Popen | None = None
 
-    def start(self, expect_ready: bool = True) -> "DaemonProcess":
+    def start(self, expect_ready: bool = True, prefix: list[str] | None = None) -> "DaemonProcess":
+        """Start `iapd serve`; `prefix` runs it under another command (prlimit, say)."""
         import socket as socket_mod
 
         notify_path = str(self.folder / f"notify-{os.getpid()}.sock")
@@ -136,7 +138,8 @@ class DaemonProcess:
         listener.settimeout(30)
         try:
             log = open(self.log_path, "a")
-            self.proc = subprocess.Popen([sys.executable, "-m", "iapd", "serve", "--test-clock", "--log-level", "debug"],
+            self.proc = subprocess.Popen([*(prefix or []), sys.executable, "-m", "iapd", "serve", "--test-clock",
+                                          "--log-level", "debug"],
                                          env={**self.env, "NOTIFY_SOCKET": notify_path}, stdout=log, stderr=log,
                                          stdin=subprocess.DEVNULL)
             log.close()
@@ -205,12 +208,12 @@ def daemon_factory(tmp_path, emulator):
     started: list[DaemonProcess] = []
 
     def make(daemon_settings: str = "", name: str = "d", config: Path | None = None, start: bool = True,
-             env: dict | None = None) -> DaemonProcess:
+             env: dict | None = None, prefix: list[str] | None = None) -> DaemonProcess:
         folder = tmp_path / name
         folder.mkdir(exist_ok=True)
         daemon = DaemonProcess(folder, config or emulator.config_path, daemon_settings, env)
         started.append(daemon)
-        return daemon.start() if start else daemon
+        return daemon.start(prefix=prefix) if start else daemon
 
     yield make
     for daemon in started:

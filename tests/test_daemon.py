@@ -308,5 +308,5 @@ def test_another_uid_is_refused_even_on_a_0666_socket(daemon):
                          timeout=30)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() in ("b''", "reset")  # closed before a byte was answered
-    assert f"refused a connection from uid {nobody.pw_uid}" in daemon.logs()
+    assert f"refused 1 connection(s): uid {nobody.pw_uid} is not the daemon's own" in daemon.logs()
     assert daemon.request("GET", "/healthz").status == 200

@@ -44,6 +44,30 @@ def open_tty():
         return None
 
 
+def open_browser(url: str) -> bool:
+    """Open `url` in the user's browser (honours $BROWSER); True if a browser took it.
+
+    The browser must never share our stdout (flytekit reads it as the token) or stderr (one
+    line there is ours): both point at /dev/null while it starts, and it inherits that."""
+    import webbrowser
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 1)
+        os.dup2(devnull, 2)
+        return bool(webbrowser.open(url))
+    except webbrowser.Error:
+        return False
+    finally:
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in (*saved, devnull):
+            os.close(fd)
+
+
 def _cooldown_path(profile: str) -> str:
     return os.path.join(paths.state_dir(), f"autologin-{profile}.failed")
 
@@ -75,28 +99,29 @@ def login_when_needed(profile: str, error: dict) -> None:
     if left:
         raise Failure(f"login required for profile {profile}; a login was abandoned or failed recently, so "
                       f"none is opened for {left:.0f}s more: run `iapctl login {profile}`", LOGIN_REQUIRED)
+    say = (lambda text: print(text, file=tty, flush=True)) if tty else (lambda text: print(text, file=sys.stderr))
     try:
         started = _json(call("POST", f"/v1/login/{profile}"))
-        say = (lambda text: print(text, file=tty, flush=True)) if tty else (lambda text: print(text, file=sys.stderr))
         if not started.get("joined"):
             url = started["auth_url"]
             if display:
                 say(f"iapctl: login required for profile {profile}; opening your browser. If it does not open, visit:\n  {url}")
-                import webbrowser
-
-                webbrowser.open(url)
+                open_browser(started.get("browser_url") or url)
             else:
                 _prompt_for_redirect(profile, url, tty, say)
         else:
             say(f"iapctl: waiting for the login in progress for profile {profile}")
         outcome = wait_for_login(profile)
+        if outcome.get("state") != "done":
+            _mark_failed(profile)
+            raise Failure(f"login for profile {profile} did not complete "
+                          f"({outcome.get('message', outcome.get('state'))}): run `iapctl login {profile}`",
+                          LOGIN_REQUIRED)
+        if tty is not None:  # say who: a login is only as good as the account it was made with
+            say(f"iapctl: logged in as {outcome.get('email')} (profile {profile})")
     finally:
         if tty is not None:
             tty.close()
-    if outcome.get("state") != "done":
-        _mark_failed(profile)
-        raise Failure(f"login for profile {profile} did not complete ({outcome.get('message', outcome.get('state'))}): "
-                      f"run `iapctl login {profile}`", LOGIN_REQUIRED)
 
 
 def _prompt_for_redirect(profile: str, url: str, tty, say) -> None:

@@ -11,13 +11,14 @@ from __future__ import annotations
 import fcntl
 import os
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
 import time
 
 from iapctl import paths
-from iapctl.cli import BAD_PROFILE, UNREACHABLE, Failure
+from iapctl.cli import BAD_PROFILE, UNREACHABLE, Failure, request_timeout
 
 START_TIMEOUT = 15.0
 SYSTEMD_SOCKET_UNIT = "iapd.socket"
@@ -70,31 +71,82 @@ def ensure_daemon(socket_path: str, why: str) -> None:
     if not autostart_enabled():
         raise Failure(f"iapd is not running on {socket_path} ({why}): start it with `iapd serve` "
                       "(autostart is off)", UNREACHABLE)
+    deadline = time.monotonic() + request_timeout()
     state = paths.state_dir()
-    os.makedirs(state, mode=0o700, exist_ok=True)
-    with open(os.path.join(state, "autostart.lock"), "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, even if we crash
+    try:
+        paths.ensure_private_dir(state)
+    except paths.UnsafePath as exc:
+        raise Failure(f"cannot start iapd: unsafe state directory: {exc}", UNREACHABLE) from None
+    lock = _open_private(os.path.join(state, "autostart.lock"))
+    try:
+        _lock(lock, deadline)  # released when the file closes, even if we crash
         if _answers(socket_path):
             return  # another client started it while we waited for the lock
-        _start(socket_path, os.path.join(state, "iapd.log"))
+        _start(socket_path, os.path.join(state, "iapd.log"), deadline)
+    finally:
+        os.close(lock)
 
 
-def _start(socket_path: str, log_path: str) -> None:
+def _open_private(path: str) -> int:
+    """Open (or create, 0600) a file of ours for appending, never through a symlink: a link
+    planted in the state directory must not make us chmod or write another file."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise Failure(f"cannot start iapd: cannot open {path}: {exc.strerror}", UNREACHABLE) from None
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode) or info.st_uid != os.getuid():
+        os.close(fd)
+        raise Failure(f"cannot start iapd: {path} is not a regular file of yours; remove it", UNREACHABLE)
+    os.fchmod(fd, 0o600)
+    return fd
+
+
+def _lock(fd: int, deadline: float) -> None:
+    """The autostart lock, waited for no longer than the client's own deadline: whoever holds
+    it (a client starting the daemon, or a stuck process) must not hang `iapctl token`."""
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                raise Failure("another iapctl has been starting iapd for too long (the autostart lock is held); "
+                              "try again, or start it with `iapd serve`", UNREACHABLE) from None
+            time.sleep(0.02)
+
+
+def _daemon_env(socket_path: str, notify_path: str) -> dict[str, str]:
+    """Our environment for the daemon, with every path it reads made absolute: it runs in the
+    home directory, not in the caller's (possibly untrusted) working directory."""
+    env = {**os.environ, "NOTIFY_SOCKET": notify_path, "IAPD_SOCKET": os.path.abspath(socket_path)}
+    for var in ("IAPD_CONFIG", "GOOGLE_APPLICATION_CREDENTIALS", "CLOUDSDK_CONFIG"):
+        if env.get(var):
+            env[var] = os.path.abspath(env[var])
+    return env
+
+
+def _start(socket_path: str, log_path: str, deadline: float) -> None:
     with tempfile.TemporaryDirectory(prefix="iapctl-") as tmp:
         notify_path = os.path.join(tmp, "notify")
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         listener.bind(notify_path)
         listener.settimeout(0.2)
-        env = {**os.environ, "NOTIFY_SOCKET": notify_path, "IAPD_SOCKET": socket_path}
-        with open(log_path, "ab") as log:
-            os.chmod(log_path, 0o600)
-            offset = log.tell()
-            # A new session: the daemon outlives this command and the terminal it ran in.
-            proc = subprocess.Popen([sys.executable, "-m", "iapd", "serve"], env=env, stdin=subprocess.DEVNULL,
-                                    stdout=log, stderr=log, start_new_session=True, close_fds=True)
-        deadline = time.monotonic() + START_TIMEOUT
+        log = _open_private(log_path)
         try:
-            while time.monotonic() < deadline:
+            offset = os.lseek(log, 0, os.SEEK_END)
+            # -P: `python -m` would otherwise put the working directory first on sys.path, and a
+            # `json.py` in an untrusted checkout would run inside the daemon. A new session: the
+            # daemon outlives this command and the terminal it ran in.
+            proc = subprocess.Popen([sys.executable, "-P", "-m", "iapd", "serve"],
+                                    env=_daemon_env(socket_path, notify_path), cwd=os.path.expanduser("~"),
+                                    stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
+                                    close_fds=True)
+        finally:
+            os.close(log)
+        limit = min(deadline, time.monotonic() + START_TIMEOUT)
+        try:
+            while time.monotonic() < limit:
                 try:
                     if b"READY=1" in listener.recv(4096):
                         return
@@ -104,8 +156,7 @@ def _start(socket_path: str, log_path: str) -> None:
                     raise _start_failure(proc.returncode, log_path, offset)
         finally:
             listener.close()
-        raise Failure(f"started iapd but it did not become ready within {START_TIMEOUT:.0f}s; see {log_path}",
-                      UNREACHABLE)
+        raise Failure(f"started iapd but it did not become ready in time; see {log_path}", UNREACHABLE)
 
 
 def _start_failure(returncode: int, log_path: str, offset: int) -> Failure:

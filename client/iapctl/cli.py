@@ -54,20 +54,25 @@ def call(method: str, target: str, body: bytes | None = None, timeout: float | N
     `IAPCTL_TIMEOUT` (seconds) bounds each request; the default suits a refresh that waits on Google."""
     path = paths.socket_path()
     if timeout is None:
-        timeout = _timeout()
+        timeout = request_timeout()
     try:
-        return wire.request(path, method, target, body, timeout=timeout)
-    except wire.Unreachable as exc:
-        if not autostart:
-            raise Failure(f"iapd is not running on {path} ({exc}): start it with `iapd serve` "
-                          "or `iapctl service install`", UNREACHABLE) from None
-        from iapctl.autostart import ensure_daemon
+        try:
+            return wire.request(path, method, target, body, timeout=timeout)
+        except wire.Unreachable as exc:
+            if not autostart:
+                raise Failure(f"iapd is not running on {path} ({exc}): start it with `iapd serve` "
+                              "or `iapctl service install`", UNREACHABLE) from None
+            from iapctl.autostart import ensure_daemon
 
-        ensure_daemon(path, str(exc))  # raises Failure when it cannot
-        return wire.request(path, method, target, body, timeout=timeout)
+            ensure_daemon(path, str(exc))  # raises Failure when it cannot
+            return wire.request(path, method, target, body, timeout=timeout)
+    except wire.Untrusted as exc:
+        # Never autostart here: our daemon could not bind there either. Say what and where.
+        raise Failure(f"{exc}; set IAPD_SOCKET or XDG_RUNTIME_DIR to a directory only you can write",
+                      UNREACHABLE) from None
 
 
-def _timeout() -> float:
+def request_timeout() -> float:
     import os
 
     try:

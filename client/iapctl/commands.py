@@ -125,7 +125,7 @@ def _profile(name: str) -> str:
 # -- login / logout -----------------------------------------------------------------------------
 
 def cmd_login(args: argparse.Namespace) -> int:
-    from iapctl.autologin import wait_for_login
+    from iapctl.autologin import open_browser, wait_for_login
 
     profile = _profile(args.profile)
     started = _checked(call("POST", f"/v1/login/{profile}"))
@@ -146,9 +146,7 @@ def cmd_login(args: argparse.Namespace) -> int:
     else:
         if not started.get("joined"):
             print(f"Opening your browser to log in. If it does not open, visit:\n  {url}", file=sys.stderr)
-            import webbrowser
-
-            webbrowser.open(url)
+            open_browser(started.get("browser_url") or url)
         outcome = wait_for_login(profile)
     if outcome.get("state") != "done":
         raise Failure(f"the login did not complete: {outcome.get('message', outcome.get('state'))}", LOGIN_REQUIRED)
@@ -208,6 +206,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     d = status["daemon"]
     print(f"iapd {d['version']} (pid {d['pid']}, up {_duration(d['uptime'])}) on {d['socket']}")
     print(f"config {d['config']}; store {d['store']}")
+    for path in d.get("unreadable_stores") or []:
+        print(f"note: {path} was unreadable and moved aside; its logins may still be live: "
+              "`iapctl logout --all` revokes and removes it")
     rows = [("PROFILE", "IDENTITY", "STATE", "AUDIENCE", "EXPIRES IN", "NEXT RENEWAL", "LAST ERROR")]
     for p in status["profiles"]:
         error = p.get("last_error") or {}

@@ -28,11 +28,12 @@ def state_dir() -> str:
 def socket_path() -> str:
     """``$IAPD_SOCKET``, else ``$XDG_RUNTIME_DIR/iapd/iapd.sock``.
 
-    Without a runtime dir (macOS, SSH sessions without pam_systemd, containers) the socket goes
-    to a per-user directory under ``$TMPDIR`` (per-user and 0700 on macOS already) or ``/tmp``;
-    the daemon creates that directory 0700 and refuses one owned by someone else. The home
-    directory is avoided on purpose: it may be on NFS, where unix sockets do not work, and its
-    path may be longer than the ~104 bytes a socket path may have on macOS.
+    Without a runtime dir (macOS, SSH sessions without pam_systemd, containers, `su`) the socket
+    must go somewhere no other local user can claim first: a name in a shared ``/tmp`` can be
+    created by anyone, who would then answer our requests (see wire.py) and keep our daemon
+    from starting. So: ``$TMPDIR/iapd-UID/`` only when ``$TMPDIR`` is private to us (macOS gives
+    every user one), else our state directory, in a folder named after this host (a home
+    directory on NFS is shared by machines, and a socket belongs to one kernel).
     """
     explicit = os.environ.get("IAPD_SOCKET")
     if explicit:
@@ -40,5 +41,45 @@ def socket_path() -> str:
     runtime = os.environ.get("XDG_RUNTIME_DIR", "")
     if os.path.isabs(runtime) and os.path.isdir(runtime):
         return os.path.join(runtime, APP, "iapd.sock")
-    tmp = os.environ.get("TMPDIR") or "/tmp"
-    return os.path.join(tmp, f"{APP}-{os.getuid()}", "iapd.sock")
+    tmp = os.environ.get("TMPDIR", "")
+    if os.path.isabs(tmp) and os.path.isdir(tmp) and unsafe_dir(tmp) is None:
+        return os.path.join(tmp, f"{APP}-{os.getuid()}", "iapd.sock")
+    return os.path.join(state_dir(), f"run-{os.uname().nodename or 'localhost'}", "iapd.sock")
+
+
+def unsafe_dir(path: str) -> str | None:
+    """Why another local user could control `path` (a directory for a socket or secrets), or
+    None if only we can: it must be ours and not writable by group or others. One rule for the
+    client (before it talks to a socket) and the daemon (for the directories it uses)."""
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        return None  # nothing there yet: nothing to trust or distrust
+    except OSError as exc:
+        return f"{path} cannot be inspected ({exc.strerror})"
+    if info.st_uid != os.getuid():
+        return f"{path} belongs to uid {info.st_uid}, not to you (uid {os.getuid()})"
+    if info.st_mode & 0o022:
+        return f"{path} is writable by other users (mode {info.st_mode & 0o7777:o}): use a private directory"
+    return None
+
+
+class UnsafePath(Exception):
+    """A directory we would put secrets or a socket in is not ours alone."""
+
+
+def ensure_private_dir(path: str, tighten: bool = True) -> None:
+    """Create `path` 0700 if missing. Refuse a symlink, a directory of another user, or one
+    that other users can write to (they could swap our files). With `tighten` (directories that
+    are iapd's own), also remove any read/search access for others."""
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    info = os.lstat(path)
+    if os.path.islink(path):
+        raise UnsafePath(f"{path} is a symlink; refusing to keep credentials or a socket behind it")
+    if not os.path.isdir(path):
+        raise UnsafePath(f"{path} is not a directory")
+    reason = unsafe_dir(path)
+    if reason is not None:
+        raise UnsafePath(reason)
+    if tighten and info.st_mode & 0o077:
+        os.chmod(path, 0o700)

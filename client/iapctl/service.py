@@ -55,8 +55,13 @@ def render(name: str, values: dict[str, str]) -> str:
     return "".join(lines)
 
 
+def systemd_specifiers(value: str) -> str:
+    """systemd expands `%x` specifiers in unit settings: a literal `%` (in a path) is `%%`."""
+    return value.replace("%", "%%")
+
+
 def systemd_quote(value: str) -> str:
-    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return '"' + systemd_specifiers(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 def _systemd_dir() -> Path:
@@ -70,7 +75,8 @@ def systemd_plan(action: str) -> Plan:
     if action == "install":
         # The config location is baked in if the user has moved it; the socket is systemd's (%t).
         env_lines = [f"Environment={systemd_quote(f'{k}={os.environ[k]}')}" for k in ("IAPD_CONFIG",) if os.environ.get(k)]
-        values = {"IAPD": iapd_executable(), "STATE_DIR": paths.state_dir(), "ENVIRONMENT": "\n".join(env_lines)}
+        values = {"IAPD": systemd_specifiers(iapd_executable()), "STATE_DIR": systemd_specifiers(paths.state_dir()),
+                  "ENVIRONMENT": "\n".join(env_lines)}
         files = {socket_unit: render("iapd.socket", values), service_unit: render("iapd.service", values)}
         return Plan(files, [["systemctl", "--user", "daemon-reload"],
                             ["systemctl", "--user", "enable", "--now", "iapd.socket"]], [])

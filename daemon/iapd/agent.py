@@ -6,6 +6,7 @@ sockets. Data flows one way: source → cache → agent → server.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import logging
@@ -22,6 +23,7 @@ from iapd.cache import TokenCache
 from iapd.clock import Clock
 from iapd.config import Config, Profile
 from iapd.errors import BadRequest, LoginRequired, UnknownProfile
+from iapd.google_http import revoke
 from iapd.login import LoginManager
 from iapd.sources.base import TokenSource
 from iapd.sources.service_account import build_service_account_source
@@ -146,7 +148,24 @@ class Agent:
                 if key not in targets:
                     await self.store.delete(key)
                     results.append({"credential": key, "profiles": [], "revoked": False, "wiped": True})
+            results.extend([await self._logout_unreadable(path) for path in list(self.store.unreadable)])
         return {"results": results}
+
+    async def _logout_unreadable(self, path: Path) -> dict[str, Any]:
+        """A store moved aside as unreadable may still hold live refresh tokens: revoke them,
+        then remove the file."""
+        try:
+            tokens = await asyncio.to_thread(self.store.refresh_tokens_in, path)
+        except OSError:
+            tokens = []
+        errors = [e for e in [await revoke(self.session, self.config.endpoints.revoke_url, t) for t in tokens] if e]
+        await asyncio.to_thread(path.unlink, True)
+        self.store.unreadable.remove(path)
+        result: dict[str, Any] = {"credential": f"unreadable store {path.name}", "profiles": [],
+                                  "revoked": bool(tokens) and not errors, "wiped": True}
+        if errors:
+            result["revoke_error"] = errors[0]
+        return result
 
     # -- status -----------------------------------------------------------------------------
 
@@ -155,6 +174,7 @@ class Agent:
             "daemon": {
                 "version": __version__, "pid": os.getpid(), "uptime": round(self.clock.mono() - self.started_mono),
                 "socket": self.socket_path, "config": self.config_path, "store": str(self.store.path),
+                "unreadable_stores": [str(p) for p in self.store.unreadable],
             },
             "profiles": [self._profile_status(name) for name in sorted(self.profiles)],
         }

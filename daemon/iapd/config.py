@@ -50,6 +50,10 @@ class UserSource(_Strict):
     # (default: application-default credentials), then kept in the credential store.
     client_secret_name: str | None = Field(default=None, pattern=SECRET_VERSION_RE.pattern)
     secret_manager_credentials: str | None = None
+    # Pin the Google account this profile logs in as: sent as `login_hint`, and a login as
+    # anyone else is refused. `hosted_domain` does the same for a Workspace domain (`hd`).
+    account: str | None = Field(default=None, pattern=r"^[^@\s]+@[^@\s]+$")
+    hosted_domain: str | None = Field(default=None, min_length=1)
 
     @model_validator(mode="after")
     def _one_secret(self) -> "UserSource":

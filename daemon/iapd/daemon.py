@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import resource
 import signal
 import sys
 
@@ -16,9 +17,8 @@ from iapd.config import ConfigError, load_config
 from iapd.fsutil import UnsafePath
 from iapd.google_http import new_session
 from iapd.clock import Clock
-from iapd.server import (
-    MAX_HEADER_FIELD, GuardedUnixSite, bind_socket, inherited_socket, make_app, remove_socket_if_ours,
-)
+from iapd.guard import MAX_HEADER_FIELD, Gate, GuardedSite, unix_peer_uid
+from iapd.server import bind_socket, inherited_socket, make_app, remove_socket_if_ours
 from iapd.notify import notify
 from iapd.store import CredentialStore
 
@@ -50,9 +50,25 @@ def setup_logging(level: str) -> None:
     logging.getLogger("aiohttp.server").addFilter(MalformedRequestFilter())
 
 
+def raise_fd_limit() -> None:
+    """Soft RLIMIT_NOFILE up to the hard limit (systemd and most shells start us at 1024): the
+    daemon's descriptors are its capacity to answer, and other local users can open connections
+    to the login listener. macOS refuses a soft limit above OPEN_MAX whatever the hard limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    for target in (hard, 10240):
+        if target == resource.RLIM_INFINITY or target <= soft:
+            continue
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            return
+        except (ValueError, OSError):
+            continue
+
+
 async def serve(config_path: str, socket_path: str | None, test_clock: bool = False) -> int:
     from iapctl.paths import socket_path as default_socket_path
 
+    raise_fd_limit()
     try:
         config = load_config(config_path)
     except ConfigError as exc:
@@ -78,9 +94,10 @@ async def serve(config_path: str, socket_path: str | None, test_clock: bool = Fa
     agent = Agent(config, config_path, store, session, clock, path)
     runner = web.AppRunner(make_app(agent, test_clock), access_log=None, handle_signals=False,
                            keepalive_timeout=15, max_line_size=MAX_HEADER_FIELD, max_field_size=MAX_HEADER_FIELD,
-                           max_headers=64)
+                           max_headers=64, shutdown_timeout=5.0)
     await runner.setup()
-    site = GuardedUnixSite(runner, sock, agent.cached_token, config.daemon.header_timeout_seconds)
+    gate = Gate("socket API", unix_peer_uid, config.daemon.header_timeout_seconds, fast_token=agent.cached_token)
+    site = GuardedSite(runner, sock, gate)
     await site.start()
     agent.cache.start()
     stop = asyncio.Event()

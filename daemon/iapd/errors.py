@@ -15,6 +15,7 @@ class IapdError(Exception):
     status = 500
 
     def __init__(self, message: str, **extra: object) -> None:
+        message = printable(message)
         super().__init__(message)
         self.message = message
         self.extra = extra  # more JSON fields for the API's error body
@@ -57,14 +58,17 @@ class BadRequest(IapdError):
     status = 400
 
 
-class Conflict(IapdError):
-    code = "conflict"
-    status = 409
-
-
 def without_message(exc: BaseException) -> str:
     """An unexpected exception for the log: its type and where it was raised, not its message
     — a library's message may quote a response body, a URL or a header, and so a secret."""
     frames = traceback.extract_tb(exc.__traceback__)[-4:]
     where = " <- ".join(f"{f.filename.rsplit('/', 1)[-1]}:{f.lineno} {f.name}" for f in reversed(frames))
     return f"{type(exc).__module__}.{type(exc).__qualname__} at {where or 'unknown'}"
+
+
+def printable(text: str) -> str:
+    """`text` with control characters escaped: messages quote what an IdP or a browser sent
+    (`error_description`, a redirect URL), and they end up on someone's terminal."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in text)

@@ -74,3 +74,13 @@ async def request_text(session: aiohttp.ClientSession, method: str, url: str, *,
     error = UpstreamError(f"{what}: HTTP {status} {detail}")
     error.http_status = status
     raise error
+
+
+async def revoke(session: aiohttp.ClientSession, url: str, token: str) -> str | None:
+    """Revoke a token (RFC 7009); None on success, else why not. Success is the status code: the
+    body is to be ignored (Google's is empty or not JSON)."""
+    try:
+        await request_text(session, "POST", url, what="revoking the login", data={"token": token})
+    except (UpstreamError, UpstreamUnavailable, LoginRequired) as exc:
+        return exc.message
+    return None

@@ -7,6 +7,12 @@ error page and the flow goes on; the flow ends on success, on the IdP's error, o
 
 One flow per credential (desktop client) at a time: a second login request joins it. Without a
 browser on this machine, the pasted redirect URL completes the same flow (`complete`).
+
+Other local users: a browser's argv is world-readable (/proc/PID/cmdline), and so is the
+listener's port (/proc/net/tcp). A browser is therefore given a one-time start URL on the
+listener, which redirects to Google: `state` and the PKCE challenge never appear in an argv.
+And the listener serves only connections of our own uid (iapd.guard), so nobody else can
+deliver a code of theirs (a login takeover) or hold its file descriptors.
 """
 
 from __future__ import annotations
@@ -16,7 +22,9 @@ import base64
 import hashlib
 import html
 import logging
+import os
 import secrets
+import socket
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,11 +32,14 @@ from urllib.parse import parse_qs, urlencode, urlsplit
 
 from aiohttp import web
 
-from iapd.errors import BadRequest, IapdError, UpstreamError
+from iapd.errors import BadRequest, IapdError, UpstreamError, without_message
+from iapd.guard import Gate, GuardedSite, can_check_loopback_peers, loopback_peer_uid
 from iapd.sources.user import UserCredential
 
 log = logging.getLogger("iapd.login")
 CALLBACK_PATH = "/oauth2/callback"
+START_PATH = "/start/"
+LISTENER_MAX_CONNECTIONS = 32  # a browser opens a handful; the rest would be someone's flood
 
 
 def _page(title: str, text: str, status: int = 200) -> web.Response:
@@ -43,14 +54,18 @@ class LoginFlow:
     verifier: str
     state: str
     redirect_uri: str
-    auth_url: str
+    auth_url: str  # Google's, with `state` and the PKCE challenge: never put in a browser's argv
+    browser_url: str  # our one-time start URL, which redirects to auth_url: what a browser is given
+    start_nonce: str
     deadline: float  # wall clock, for reporting
     done: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
     runner: web.AppRunner | None = None
     finishing: bool = False
+    browser_started: bool = False
 
     def public(self) -> dict[str, Any]:
-        return {"state": "pending", "auth_url": self.auth_url, "expires_in": max(0, round(self.deadline - time.time()))}
+        return {"state": "pending", "auth_url": self.auth_url, "browser_url": self.browser_url,
+                "redirect_uri": self.redirect_uri, "expires_in": max(0, round(self.deadline - time.time()))}
 
 
 class LoginManager:
@@ -78,32 +93,55 @@ class LoginManager:
         verifier = secrets.token_urlsafe(64)
         challenge = base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest()).rstrip(b"=").decode()
         state = secrets.token_urlsafe(24)
+        nonce = secrets.token_urlsafe(24)
         flow: LoginFlow | None = None
 
-        async def callback(request: web.Request) -> web.Response:
+        async def route(request: web.Request) -> web.Response:
             if flow is None:  # a request raced the set-up; nothing to do yet
                 return _page("Not ready", "The login is still starting; try again.", 503)
-            return await self._callback(flow, request)
+            try:
+                return await self._route(flow, request)
+            except web.HTTPException:
+                raise
+            except Exception as exc:  # noqa: BLE001 - the flow ends with a message, never a hang
+                log.error("%s: login listener failed: %s", flow.credential.key, without_message(exc))
+                error = IapdError(f"the login failed inside iapd ({type(exc).__name__}); see its log")
+                self._settle(flow, error)
+                return _page("Login failed", error.message, 500)
 
         app = web.Application(client_max_size=16 * 1024)
-        app.router.add_route("*", "/{tail:.*}", callback)
-        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        app.router.add_route("*", "/{tail:.*}", route)
+        runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
         await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(128)
+        sock.setblocking(False)
+        # Every local user can see this port; only our own uid's connections are served, few
+        # at a time, each with a deadline (see iapd.guard).
+        identify = loopback_peer_uid if can_check_loopback_peers() else (lambda _transport: os.getuid())
+        gate = Gate("login listener", identify, header_timeout=10.0, max_connections=LISTENER_MAX_CONNECTIONS)
+        await GuardedSite(runner, sock, gate).start()
+        port = sock.getsockname()[1]
         redirect_uri = f"http://127.0.0.1:{port}{CALLBACK_PATH}"
-        query = urlencode({
+        params = {
             "client_id": credential.config.client_id, "redirect_uri": redirect_uri, "response_type": "code",
             "scope": "openid email", "state": state, "code_challenge": challenge, "code_challenge_method": "S256",
             # offline + consent: Google returns a refresh token only then.
             "access_type": "offline", "prompt": "consent",
-        })
-        flow = LoginFlow(credential, verifier, state, redirect_uri, f"{self.auth_endpoint}?{query}",
-                         time.time() + self.timeout, runner=runner)
+        }
+        if credential.config.account:
+            params["login_hint"] = credential.config.account
+        if credential.config.hosted_domain:
+            params["hd"] = credential.config.hosted_domain
+        flow = LoginFlow(credential, verifier, state, redirect_uri, f"{self.auth_endpoint}?{urlencode(params)}",
+                         f"http://127.0.0.1:{port}{START_PATH}{nonce}", nonce, time.time() + self.timeout,
+                         runner=runner)
         return flow
 
-    async def _callback(self, flow: LoginFlow, request: web.Request) -> web.Response:
+    async def _route(self, flow: LoginFlow, request: web.Request) -> web.Response:
+        if request.method == "GET" and request.path.startswith(START_PATH):
+            return self._start_page(flow, request.path[len(START_PATH):])
         if request.method != "GET" or request.path != CALLBACK_PATH:
             return _page("Not found", "This is iapd's login listener; there is nothing here.", 404)
         outcome = await self._finish(flow, dict(request.query))
@@ -112,6 +150,17 @@ class LoginManager:
         if isinstance(outcome, IapdError):
             return _page("Login failed", outcome.message, 400)
         return _page("Logged in", f"iapd is logged in as {outcome}. You can close this tab.")
+
+    def _start_page(self, flow: LoginFlow, nonce: str) -> web.Response:
+        """The one-time start URL: the browser's argv (readable by every local user in
+        /proc/PID/cmdline) carries only this, and it works once, for the first browser."""
+        if not secrets.compare_digest(nonce, flow.start_nonce):
+            return _page("Not found", "This is iapd's login listener; there is nothing here.", 404)
+        if flow.browser_started or flow.done.done():
+            return _page("Link already used", "This login link works once. Go back to the terminal; "
+                         "run `iapctl login` again for a new one.", 409)
+        flow.browser_started = True
+        raise web.HTTPFound(flow.auth_url, headers={"Cache-Control": "no-store", "Referrer-Policy": "no-referrer"})
 
     async def complete(self, credential: UserCredential, redirect_url: str) -> dict[str, Any]:
         """--no-browser: the user pastes the URL the browser was redirected to."""
@@ -141,6 +190,13 @@ class LoginManager:
         except IapdError as exc:
             self._settle(flow, exc)
             return exc
+        except OSError as exc:
+            # The store could not be written (a full disk, say): end the login now, saying so.
+            error = IapdError(f"the login worked but could not be saved in {flow.credential.store.path.parent}: "
+                              f"{exc.strerror or type(exc).__name__}")
+            log.error("%s: %s", flow.credential.key, error.message)
+            self._settle(flow, error)
+            return error
         self._settle(flow, email)
         self.on_login(flow.credential.key)
         log.info("%s: logged in as %s", flow.credential.key, email)

@@ -60,8 +60,10 @@ ERRORS = {UpstreamError.code: UpstreamError, UpstreamUnavailable.code: UpstreamU
 async def read_secret(name: str, credentials_path: str | None, endpoints: Endpoints, timeout: float) -> str:
     request = json.dumps({"name": name, "credentials": credentials_path, "endpoints": endpoints.model_dump(),
                           "timeout": timeout}).encode()
+    # -P: `-m` would put the working directory first on sys.path; this child holds the client
+    # secret and the ADC credentials, so it imports nothing from wherever the daemon was started.
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "iapd.secret_manager", stdin=asyncio.subprocess.PIPE,
+        sys.executable, "-P", "-m", "iapd.secret_manager", stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     try:
         # Importing the client takes about a second; the call itself is bounded by `timeout`.

@@ -11,6 +11,7 @@ import asyncio
 import copy
 import json
 import logging
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -26,12 +27,17 @@ class CredentialStore:
         self.path = path
         self._records = records
         self._lock = asyncio.Lock()
+        # Stores moved aside as unreadable (this start or an earlier one): their refresh tokens
+        # may still work, so status names them and logout --all revokes and removes them.
+        self.unreadable: list[Path] = []
 
     @classmethod
     async def open(cls, state_dir: Path) -> "CredentialStore":
         await asyncio.to_thread(ensure_private_dir, state_dir)
         path = state_dir / "credentials.json"
-        return cls(path, await asyncio.to_thread(cls._read, path))
+        store = cls(path, await asyncio.to_thread(cls._read, path))
+        store.unreadable = await asyncio.to_thread(lambda: sorted(path.parent.glob(f"{path.name}.unreadable-*")))
+        return store
 
     @staticmethod
     def _remove_leftovers(path: Path) -> None:
@@ -51,6 +57,8 @@ class CredentialStore:
             records = data["credentials"]
             if data.get("version") != VERSION or not isinstance(records, dict):
                 raise ValueError("unknown layout")
+            for record in records.values():
+                _check_record(record)
             return records
         except (ValueError, KeyError, TypeError) as exc:
             # Atomic writes make this unlikely (a disk error, a hand edit). Keep the file for a
@@ -60,6 +68,17 @@ class CredentialStore:
             log.error("credential store %s is unreadable (%s); moved it to %s, a new login is needed",
                       path, type(exc).__name__, aside)
             return {}
+
+    @staticmethod
+    def refresh_tokens_in(path: Path) -> list[str]:
+        """Every refresh token a moved-aside store still holds, as far as it can be read."""
+        text = path.read_text(encoding="utf-8", errors="replace")
+        try:
+            found: list[str] = []
+            _collect_refresh_tokens(json.loads(text), found)
+            return found
+        except ValueError:  # not JSON at all: the tokens may still be there as text
+            return re.findall(r'"refresh_token"\s*:\s*"([^"\\]+)"', text)
 
     def get(self, key: str) -> dict[str, Any] | None:
         record = self._records.get(key)
@@ -88,3 +107,31 @@ class CredentialStore:
             await asyncio.to_thread(atomic_write, self.path, data)
             # Only now is the change real: a failed write leaves memory and disk in agreement.
             self._records = records
+
+
+# What a record may hold, and of what type: a hand edit or a bug that wrote another shape must
+# read as an unreadable store (moved aside, a new login needed), not crash the daemon later.
+RECORD_FIELDS: dict[str, tuple[type, ...]] = {
+    "refresh_token": (str, type(None)), "email": (str, type(None)), "client_id": (str,),
+    "client_secret": (str,), "client_secret_name": (str,), "login_reason": (str, type(None)), "updated": (int,),
+}
+
+
+def _check_record(record: Any) -> None:
+    if not isinstance(record, dict):
+        raise TypeError("a record is not an object")
+    for name, value in record.items():
+        if not isinstance(value, RECORD_FIELDS.get(name, (object,))):
+            raise TypeError(f"field {name} has the wrong type")
+
+
+def _collect_refresh_tokens(node: Any, found: list[str]) -> None:
+    if isinstance(node, dict):
+        for name, value in node.items():
+            if name == "refresh_token" and isinstance(value, str) and value:
+                found.append(value)
+            else:
+                _collect_refresh_tokens(value, found)
+    elif isinstance(node, list):
+        for value in node:
+            _collect_refresh_tokens(value, found)

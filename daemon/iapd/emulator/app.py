@@ -68,6 +68,7 @@ async def control_get(request: web.Request) -> web.Response:
         "token_lifetime": state.token_lifetime,
         "clock_offset": state.clock_offset,
         "approve": state.approve,
+        "user_email": state.user_email,
         "rotate_refresh_tokens": state.rotate_refresh_tokens,
         "live_refresh_tokens": len(state.refresh_tokens),
         "pending_faults": {k: len(v) for k, v in state.faults.items() if v},
@@ -81,7 +82,7 @@ async def control_post(request: web.Request) -> web.Response:
     try:
         body = await request.json() if request.can_read_body else {}
         if action == "settings":
-            for key in ("token_lifetime", "clock_offset", "approve", "rotate_refresh_tokens"):
+            for key in ("token_lifetime", "clock_offset", "approve", "rotate_refresh_tokens", "user_email"):
                 if key in body:
                     setattr(state, key, type(getattr(state, key))(body[key]))
             if state.approve not in ("auto", "consent", "deny"):
@@ -176,7 +177,8 @@ class Emulator:
         await site.start()
         self._runners.append(runner)
         sock = site._server.sockets[0]  # type: ignore[union-attr]
-        return f"http://{self.host}:{sock.getsockname()[1]}"
+        host = f"[{self.host}]" if ":" in self.host else self.host  # an IPv6 literal goes in brackets
+        return f"http://{host}:{sock.getsockname()[1]}"
 
     async def start(self) -> "Emulator":
         base = await self._serve(make_google_app(self.state), self.port)

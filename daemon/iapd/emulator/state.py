@@ -164,7 +164,10 @@ class EmulatorState:
         return self.signing_key.sign(claims)
 
     def user_id_token(self, email: str, client_id: str, audience: str | None) -> str:
-        return self.id_token(aud=audience or client_id, azp=client_id, email=email, sub=subject_of(email))
+        # Google adds `hd` (hosted domain) for accounts of a Workspace organisation, not for gmail.com.
+        domain = email.rpartition("@")[2]
+        extra = {"hd": domain} if domain not in ("gmail.com", "googlemail.com") else None
+        return self.id_token(aud=audience or client_id, azp=client_id, email=email, sub=subject_of(email), extra=extra)
 
     def sa_id_token(self, sa: ServiceAccount, audience: str, include_email: bool = True, extra: dict | None = None) -> str:
         return self.id_token(aud=audience, azp=sa.unique_id, email=sa.email if include_email else None,

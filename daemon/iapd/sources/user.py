@@ -14,7 +14,7 @@ import aiohttp
 from iapd.clock import Clock
 from iapd.config import Endpoints, UserSource as UserConfig
 from iapd.errors import IapdError, LoginRequired, UpstreamError
-from iapd.google_http import request_json
+from iapd.google_http import request_json, revoke
 from iapd.jwt import MalformedToken, unverified_claims
 from iapd.secret_manager import read_secret
 from iapd.sources.base import IdToken
@@ -95,9 +95,14 @@ class UserCredential:
         if not body.get("refresh_token"):
             raise UpstreamError("Google returned no refresh token (the login must ask for offline access)")
         try:
-            email = unverified_claims(body.get("id_token", "")).get("email")
+            claims = unverified_claims(body.get("id_token", ""))
         except MalformedToken:
-            email = None
+            claims = {}
+        email = claims.get("email")
+        mismatch = self._wrong_account(claims)
+        if mismatch is not None:
+            await self._revoke(body["refresh_token"])  # a grant we will not keep must not live on
+            raise LoginRequired(mismatch)
         record: dict[str, Any] = {"refresh_token": body["refresh_token"], "email": email,
                                   "client_id": self.config.client_id}
         if self.config.client_secret_name:
@@ -105,18 +110,30 @@ class UserCredential:
         await self.store.put(self.key, record)
         return email or "(unknown account)"
 
+    def _wrong_account(self, claims: dict[str, Any]) -> str | None:
+        """Why a login's account is not the one this profile is pinned to, or None."""
+        want, domain = self.config.account, self.config.hosted_domain
+        got = claims.get("email") or "an account with no email"
+        if want and str(claims.get("email", "")).lower() != want.lower():
+            return f"signed in as {got}, but this profile is for {want}: log in again with that account"
+        if domain and claims.get("hd") != domain:
+            return f"signed in as {got}, which is not in {domain}: log in again with an account of {domain}"
+        return None
+
+    async def _revoke(self, token: str) -> str | None:
+        return await revoke(self.session, self.endpoints.revoke_url, token)
+
     async def logout(self) -> dict[str, Any]:
         """Revoke at Google (best effort, reported), then wipe the store entry."""
         record = self.store.get(self.key)
         result: dict[str, Any] = {"credential": self.key, "email": record.get("email") if record else None,
                                   "revoked": False, "wiped": False}
         if record and record.get("refresh_token"):
-            try:
-                await request_json(self.session, "POST", self.endpoints.revoke_url, what="revoking the login",
-                                   data={"token": record["refresh_token"]})
-                result["revoked"] = True
-            except IapdError as exc:
-                # Best effort: already dead, refused or unreachable — the wipe happens regardless.
-                result["revoke_error"] = exc.message
+            # Best effort: already dead, refused or unreachable — the wipe happens regardless.
+            # RFC 7009: success is the status code; the body is to be ignored (it may be empty).
+            error = await self._revoke(record["refresh_token"])
+            result["revoked"] = error is None
+            if error is not None:
+                result["revoke_error"] = error
         result["wiped"] = await self.store.delete(self.key)
         return result
