@@ -50,7 +50,7 @@ class EmulatorProcess:
 
     def reset(self) -> None:
         self.settings(token_lifetime=3600, clock_offset=0, approve="auto", rotate_refresh_tokens=False,
-                      user_email="demo@example.com")
+                      user_email="demo@example.com", metadata_cache=True)
         self._post("clear_faults")
         self._post("reset_counters")
 

@@ -82,13 +82,13 @@ def test_login_required_unknown_profile_and_upstream(daemon, env, emulator):
     failed(iapctl("token", "demo-user", env=env), 6, "Google is not answering", "try again")
 
 
-def test_service_account_key_missing_is_upstream_error_not_traceback(daemon_factory, emulator, tmp_path, env):
+def test_service_account_key_missing_is_a_config_problem_not_traceback(daemon_factory, emulator, tmp_path, env):
     config = tmp_path / "sa.toml"
     config.write_text(f'[profiles.ci]\naudience = "{IAP}"\n[profiles.ci.service_account]\n'
                       f'kind = "key_file"\nkey_file = "{tmp_path}/missing.json"\n')
     daemon = daemon_factory(config=config, name="sa")
     out = iapctl("token", "ci", env={**env, **{k: daemon.env[k] for k in ("IAPD_SOCKET", "IAPD_CONFIG")}})
-    failed(out, 6, "missing.json does not exist")
+    failed(out, 5, "missing.json does not exist")
 
 
 def test_garbage_and_hanging_servers_are_bounded(tmp_path):

@@ -162,9 +162,18 @@ def test_wall_clock_jumps_never_serve_an_expired_token(daemon, emulator):
     after_suspend = daemon.token("demo-user")
     assert emulator.counters()[f"refresh:{IAP}"] == 2  # (within one second the new token may equal the old)
     assert unverified_claims(after_suspend)["exp"] >= unverified_claims(first)["exp"]
-    daemon.set_clock(-2 * 3600)  # the clock is set back: the monotonic clock still knows
+    # The clock is set back two hours, and the token then really runs out (a short one here):
+    # by the wall clock it would have two hours left; the monotonic clock knows it has none.
+    emulator.settings(token_lifetime=4)
+    daemon.set_clock(3 * 3600)  # the one-hour token is over: a 4-second one comes
+    short = daemon.token("demo-user")
+    assert unverified_claims(short)["exp"] - unverified_claims(short)["iat"] == 4
+    refreshes = emulator.counters()[f"refresh:{IAP}"]
+    daemon.set_clock(-2 * 3600)
+    time.sleep(max(0.0, unverified_claims(short)["exp"] - time.time()) + 0.5)  # real time: the thing under test
     backwards = daemon.token("demo-user")
-    assert unverified_claims(backwards)["exp"] - time.time() > 60
+    assert emulator.counters()[f"refresh:{IAP}"] == refreshes + 1
+    assert unverified_claims(backwards)["exp"] > time.time()
     assert iap_admits(emulator, backwards)
 
 

@@ -19,6 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import wait_for
+from test_service_accounts import iap_admits
 from iapd.jwt import unverified_claims
 
 IAP = "123456789012-iap.apps.googleusercontent.com"
@@ -162,6 +163,14 @@ def test_kill_9_of_the_daemon_mid_operation(daemon_factory, emulator, moment):
             records = json.loads(store.read_text())["credentials"]
             assert set(records) <= {f"user:{DESKTOP}"}
         daemon.start()
+        # After the restart: a token from what was stored (a refresh: nothing is cached in
+        # memory any more), or a clear "log in" — never an error, never a token IAP refuses.
+        resp = daemon.request("GET", "/v1/token/demo-user")
+        assert resp.status in (200, 401), (moment, resp.status, resp.body)
+        if resp.status == 200:
+            assert iap_admits(emulator, resp.body.decode()), moment
+        elif moment == "refresh":
+            raise AssertionError("a kill mid-refresh lost the login")  # Google does not rotate: nothing to lose
     if moment in ("refresh", "logout"):
         # Google does not rotate refresh tokens: a kill mid-refresh loses nothing.
         if moment == "refresh":

@@ -21,10 +21,10 @@ USAGE = 2          # bad command line
 UNREACHABLE = 3    # iapd is not running and could not be started
 LOGIN_REQUIRED = 4  # run `iapctl login PROFILE`
 BAD_PROFILE = 5    # unknown profile, or a config iapd cannot use
-UPSTREAM = 6       # Google (or the network to it) failed: try again later
+UPSTREAM = 6       # Google (or the network to it) failed or refused; the message says which
 
 EXIT_CODE_OF_ERROR = {"login_required": LOGIN_REQUIRED, "unknown_profile": BAD_PROFILE, "bad_request": BAD_PROFILE,
-             "upstream_error": UPSTREAM, "upstream_unavailable": UPSTREAM}
+                      "bad_config": BAD_PROFILE, "upstream_error": UPSTREAM, "upstream_unavailable": UPSTREAM}
 
 _SAFE = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-@")
 
@@ -126,6 +126,9 @@ def _failure_of(profile: str, error: dict) -> Failure:
                        LOGIN_REQUIRED)
     if code == "upstream_unavailable":
         return Failure(f"Google is not answering for profile {profile} ({message}); try again shortly",
+                       UPSTREAM)
+    if code == "upstream_error":
+        return Failure(f"Google refused profile {profile}: {message} (retrying will not help: check the profile)",
                        UPSTREAM)
     return Failure(message or f"iapd answered {code}", EXIT_CODE_OF_ERROR.get(code, ERROR))
 

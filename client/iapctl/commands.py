@@ -20,8 +20,8 @@ EXIT_CODES = f"""exit codes:
   {USAGE}  usage error
   {UNREACHABLE}  iapd is not running and could not be started
   {LOGIN_REQUIRED}  login required: run `iapctl login PROFILE`
-  {BAD_PROFILE}  unknown profile, or a config iapd cannot use
-  {UPSTREAM}  Google (or the network to it) failed: try again later
+  {BAD_PROFILE}  unknown profile, or a profile that cannot work as configured
+  {UPSTREAM}  Google (or the network to it) failed (try again later) or refused (the message says why)
 
 environment:
   IAPD_SOCKET      socket path (default: $XDG_RUNTIME_DIR/iapd/iapd.sock)

@@ -25,7 +25,8 @@ from iapd.config import Config, Profile
 from iapd.errors import BadRequest, LoginRequired, UnknownProfile
 from iapd.google_http import revoke
 from iapd.login import LoginManager
-from iapd.sources.base import TokenSource
+from iapd.google_creds import GoogleAuth
+from iapd.sources.base import SourceContext, TokenSource
 from iapd.sources.service_account import build_service_account_source
 from iapd.sources.user import UserCredential
 from iapd.store import CredentialStore
@@ -43,6 +44,8 @@ class Agent:
         self.clock = clock
         self.socket_path = socket_path
         self.started_mono = clock.mono()
+        self.source_context = SourceContext(session, clock, config.endpoints, config.daemon.http_timeout_seconds,
+                                            GoogleAuth(config.daemon.http_timeout_seconds))
         self.cache = TokenCache(config.daemon, clock)
         self.logins = LoginManager(config.endpoints.auth_url, config.daemon.login_timeout_seconds, self.cache.forget)
         self.profiles: dict[str, Profile] = {}
@@ -76,12 +79,10 @@ class Agent:
         return name
 
     def _source_for(self, name: str, profile: Profile) -> TokenSource:
-        settings = self.config.daemon
         if profile.user is not None:
-            return UserCredential(profile.user, self.config.endpoints, self.store, self.session, self.clock,
-                                  settings.http_timeout_seconds)
+            return UserCredential(profile.user, self.store, self.source_context)
         assert profile.service_account is not None
-        return build_service_account_source(name, profile.service_account, self)
+        return build_service_account_source(name, profile.service_account, self.source_context)
 
     def profile(self, name: str) -> tuple[Profile, TokenSource]:
         profile = self.profiles.get(name)
@@ -198,7 +199,8 @@ class Agent:
         elif remaining is not None and remaining > entry.margin:
             out["state"] = "ready"
         elif entry is not None and entry.last_error is not None:
-            out["state"] = "error"
+            # config_error: never retried until the profile changes; refused: retried hourly.
+            out["state"] = {"bad_config": "config_error", "upstream_error": "refused"}.get(entry.last_error.code, "error")
         else:
             out["state"] = "idle"  # nothing fetched yet: the first request will
         if entry is not None:

@@ -5,9 +5,14 @@ Policy, per token, from its own lifetime L measured on receipt:
     a renewal starts in the background when that much is left, so requests never wait;
   * mandatory margin M = min(margin, W/2): a token with less than M left is never served —
     the request waits for a refresh instead (one refresh per entry, however many wait).
-Transient failures back off exponentially with jitter up to a cap while the still-valid token
-keeps being served; login-required stops all renewal of that credential until a new login.
-Entries nobody asked for in `idle_seconds` are not renewed ahead of time (on demand still).
+Failures are of three kinds. Transient (5xx, 429, network): exponential backoff with jitter up
+to a cap while the still-valid token keeps being served, and the backoff of every entry is reset
+the moment any refresh succeeds again (the network is back). A permanent refusal (a 4xx that is
+not `invalid_grant`): retried only hourly, and at once after a login. A configuration problem
+(a missing key file, no audience): never retried until the profile changes. Login-required stops
+all renewal of that credential until a new login. At most `max_concurrent_refreshes` run at once:
+after a suspend every audience is due together. Entries nobody asked for in `idle_seconds` are
+not renewed ahead of time (on demand still).
 
 One supervisor task sleeps until the next renewal is due, but never longer than `tick_seconds`:
 timers stop while a laptop sleeps, and every wake-up (and every request) re-checks both clocks.
@@ -22,7 +27,7 @@ from dataclasses import dataclass
 
 from iapd.clock import Clock
 from iapd.config import DaemonSettings
-from iapd.errors import IapdError, LoginRequired, UpstreamError, UpstreamUnavailable, without_message
+from iapd.errors import ConfigProblem, IapdError, LoginRequired, UpstreamError, UpstreamUnavailable, without_message
 from iapd.jwt import fingerprint
 from iapd.sources.base import IdToken, TokenSource
 
@@ -47,7 +52,6 @@ class Entry:
     retry_at: float = 0.0  # mono clock
     last_error: IapdError | None = None
     last_attempt_wall: float | None = None
-    last_success_wall: float | None = None
     refresh_count: int = 0
     last_request_mono: float = 0.0
     waited: int = 0  # requests that ever had to wait for a refresh (0 in steady state is the goal)
@@ -55,6 +59,12 @@ class Entry:
     @property
     def login_required(self) -> bool:
         return isinstance(self.last_error, LoginRequired)
+
+    def error_to_raise(self) -> IapdError:
+        """The last error, as a fresh exception: re-raising one stored object would append this
+        request's frames to its traceback every time — a leak in a long-lived daemon."""
+        assert self.last_error is not None
+        return self.last_error.with_extra()
 
 
 class TokenCache:
@@ -64,6 +74,7 @@ class TokenCache:
         self.entries: dict[tuple[str, str | None], Entry] = {}
         self._wake = asyncio.Event()
         self._supervisor: asyncio.Task | None = None
+        self._slots = asyncio.Semaphore(settings.max_concurrent_refreshes)
 
     # -- the request path -------------------------------------------------------------------
 
@@ -82,21 +93,30 @@ class TokenCache:
         """A token with at least the mandatory margin left; waits for a refresh only if needed."""
         entry = self.entry(source, audience)
         entry.last_request_mono = self.clock.mono()
-        token = self.peek(source, audience)
-        if token is not None:
-            return token
-        if entry.login_required:
-            raise entry.last_error  # type: ignore[misc]
-        if entry.task is None:
-            if entry.last_error is not None and self.clock.mono() < entry.retry_at:
-                raise entry.last_error  # backing off: fail fast instead of hammering the IdP
-            self._start(entry)
-        assert entry.task is not None
+        deadline = self.clock.mono() + self.settings.request_timeout_seconds
         entry.waited += 1
-        try:
-            return await asyncio.wait_for(asyncio.shield(entry.task), self.settings.request_timeout_seconds)
-        except asyncio.TimeoutError:
-            raise UpstreamUnavailable("the token endpoint is slow to answer; try again shortly") from None
+        while True:
+            token = self.peek(source, audience)
+            if token is not None:
+                return token
+            if entry.login_required:
+                raise entry.error_to_raise()
+            if entry.task is None:
+                if entry.last_error is not None and self.clock.mono() < entry.retry_at:
+                    raise entry.error_to_raise()  # backing off: fail fast instead of hammering the IdP
+                self._start(entry)
+            assert entry.task is not None
+            task = entry.task
+            try:
+                return await asyncio.wait_for(asyncio.shield(task), max(deadline - self.clock.mono(), 0.0))
+            except asyncio.TimeoutError:
+                raise UpstreamUnavailable("the token endpoint is slow to answer; try again shortly") from None
+            except asyncio.CancelledError:
+                current = asyncio.current_task()
+                if current is not None and current.cancelling():
+                    raise  # this request itself is being cancelled (its client went away)
+                # The refresh was cancelled under us (a login or logout forgot the entry):
+                # look again — a new refresh, or the new state's answer, not a dropped connection.
 
     def peek(self, source: TokenSource, audience: str | None) -> IdToken | None:
         """The cached token if it can be served as it is (more than the margin left), else None.
@@ -120,10 +140,20 @@ class TokenCache:
         # A refresh nobody awaits (background renewal) must not log "exception never retrieved".
         entry.task.add_done_callback(lambda t: t.cancelled() or t.exception())
 
+    def _retry_delay(self, entry: Entry, exc: IapdError) -> float:
+        if isinstance(exc, ConfigProblem):
+            return float("inf")  # until the profile changes (a reload or a restart)
+        if isinstance(exc, UpstreamError):
+            return self.settings.refused_retry_seconds * random.uniform(0.9, 1.0)
+        delay = min(self.settings.backoff_cap_seconds, self.settings.backoff_initial_seconds * 2 ** (entry.failures - 1))
+        return delay * random.uniform(0.5, 1.0)
+
     async def _refresh(self, entry: Entry) -> IdToken:
-        entry.last_attempt_wall = self.clock.wall()
+        me = asyncio.current_task()
         try:
-            token = await entry.source.fetch(entry.audience)
+            async with self._slots:
+                entry.last_attempt_wall = self.clock.wall()
+                token = await entry.source.fetch(entry.audience)
         except LoginRequired as exc:
             log.warning("%s: login required: %s", entry.source.key, exc.message)
             for other in self.entries.values():
@@ -133,28 +163,40 @@ class TokenCache:
         except Exception as exc:  # noqa: BLE001 - a source's surprise must not become a 500 loop
             if not isinstance(exc, IapdError):
                 log.error("%s: unexpected error while refreshing: %s", entry.source.key, without_message(exc))
-                exc = UpstreamError(f"unexpected error while getting a token ({type(exc).__name__}); see iapd's log")
+                exc = UpstreamUnavailable(f"unexpected error while getting a token ({type(exc).__name__}); "
+                                          "see iapd's log")
             entry.failures += 1
-            delay = min(self.settings.backoff_cap_seconds,
-                        self.settings.backoff_initial_seconds * 2 ** (entry.failures - 1))
-            entry.retry_at = self.clock.mono() + delay * random.uniform(0.5, 1.0)
+            delay = self._retry_delay(entry, exc)
+            entry.retry_at = self.clock.mono() + delay
             entry.last_error = exc
             left = entry.token.remaining(self.clock) if entry.token else 0
-            log.warning("%s aud=%s: refresh failed (%s), retry in ≤%.0fs; current token has %.0fs left",
-                        entry.source.key, entry.audience, exc.message, delay, max(left, 0))
+            log.warning("%s aud=%s: refresh failed (%s: %s), retry in %s; current token has %.0fs left",
+                        entry.source.key, entry.audience, exc.code, exc.message,
+                        "never (fix the profile)" if delay == float("inf") else f"≤{delay:.0f}s", max(left, 0))
             raise exc from None
         finally:
-            entry.task = None
+            # Only our own slot: a cancelled refresh must not clear a newer one started after it.
+            if entry.task is me:
+                entry.task = None
             self._wake.set()
         window, margin = renewal_window(token.lifetime, self.settings)
         entry.token, entry.margin = token, margin
         entry.renew_when_left = window * random.uniform(0.8, 1.0)
         entry.failures, entry.last_error = 0, None
-        entry.last_success_wall = self.clock.wall()
         entry.refresh_count += 1
+        self._network_is_back()
         log.info("%s aud=%s: new token %s, lifetime %.0fs, renewal when %.0fs left",
                  entry.source.key, entry.audience, fingerprint(token.value), token.lifetime, entry.renew_when_left)
         return token
+
+    def _network_is_back(self) -> None:
+        """A refresh just worked: entries backing off from transient failures try again now
+        rather than at the end of a backoff grown during the outage (or the suspend)."""
+        for other in self.entries.values():
+            if isinstance(other.last_error, UpstreamUnavailable) and other.retry_at > self.clock.mono():
+                other.retry_at = 0.0
+                other.failures = 0
+        self._wake.set()
 
     def _idle(self, entry: Entry) -> bool:
         return self.clock.mono() - entry.last_request_mono > self.settings.idle_seconds
@@ -189,6 +231,17 @@ class TokenCache:
 
     def start(self) -> None:
         self._supervisor = asyncio.create_task(self.run(), name="iapd-renewal")
+        self._supervisor.add_done_callback(self._supervisor_ended)
+
+    def _supervisor_ended(self, task: asyncio.Task) -> None:
+        """Renewal ahead of time must not stop silently: a supervisor that died (a bug) is
+        logged and started again. Cancelled is a shutdown."""
+        if task.cancelled():
+            return
+        exc = task.exception()
+        log.error("the renewal supervisor stopped (%s); starting it again",
+                  without_message(exc) if exc is not None else "it returned")
+        self.start()
 
     def wake(self) -> None:
         self._wake.set()
@@ -206,7 +259,7 @@ class TokenCache:
         for entry in self.entries.values():
             if entry.source.key == credential_key:
                 if entry.task is not None:
-                    entry.task.cancel()
+                    entry.task.cancel()  # its waiters look again (see get)
                     entry.task = None
                 entry.token, entry.last_error, entry.failures, entry.retry_at = None, None, 0, 0.0
         self._wake.set()

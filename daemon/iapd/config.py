@@ -35,7 +35,6 @@ class Endpoints(_Strict):
     auth_url: str = "https://accounts.google.com/o/oauth2/v2/auth"
     token_url: str = "https://oauth2.googleapis.com/token"
     revoke_url: str = "https://oauth2.googleapis.com/revoke"
-    certs_url: str = "https://www.googleapis.com/oauth2/v1/certs"
     secret_manager_url: str = "https://secretmanager.googleapis.com"
     metadata_url: str = "http://metadata.google.internal"
     iam_credentials_url: str = "https://iamcredentials.googleapis.com"
@@ -123,6 +122,11 @@ class DaemonSettings(_Strict):
     idle_seconds: float = Field(default=12 * 3600, gt=0)
     backoff_initial_seconds: float = Field(default=1, gt=0)
     backoff_cap_seconds: float = Field(default=120, gt=0)
+    # A permanent refusal (a 4xx other than invalid_grant: wrong audience, invalid_client) is
+    # retried this rarely, and at once after a login.
+    refused_retry_seconds: float = Field(default=3600, gt=0)
+    # How many refreshes may run at once (after a suspend every audience is due together).
+    max_concurrent_refreshes: int = Field(default=4, ge=1)
     # The wall clock is re-checked at least this often, because timers stop during suspend.
     tick_seconds: float = Field(default=30, gt=0)
     login_timeout_seconds: float = Field(default=300, gt=0)

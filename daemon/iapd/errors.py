@@ -42,10 +42,19 @@ class UpstreamUnavailable(IapdError):
 
 
 class UpstreamError(IapdError):
-    """Google said no in a way retrying will not fix soon (invalid_client, permission denied)."""
+    """Google said no in a way retrying will not fix soon (invalid_client, permission denied, an
+    unknown audience): retried rarely (hourly), and at once after a login."""
 
     code = "upstream_error"
     status = 502
+
+
+class ConfigProblem(IapdError):
+    """The profile cannot work as configured (a missing key file, no audience for a service
+    account, a credentials file of the wrong type): never retried until the config changes."""
+
+    code = "bad_config"
+    status = 422
 
 
 class UnknownProfile(IapdError):

@@ -1,13 +1,26 @@
-"""Google credentials loaded with google-auth (synchronous: always called in a worker thread),
-for the calls that need an OAuth access token: Secret Manager, IAM Credentials."""
+"""Google credentials loaded with google-auth, for the calls that need an OAuth access token:
+Secret Manager, IAM Credentials.
+
+google-auth is synchronous. Three traps, and what GoogleAuth does about each:
+* its HTTP calls default to a 120 s timeout: every call here is bounded by `http_timeout`;
+* a thread stuck in such a call cannot be cancelled, and asyncio's default executor is joined
+  at exit, so a SIGTERM would wait for it: calls run in daemon threads, which exit with us;
+* `google.auth.transport.requests.Request()` makes a new `requests.Session` (a new TLS
+  connection) per refresh: one session is reused.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
+import threading
+from typing import Any, Callable, TypeVar
 
 from iapd.config import Endpoints
-from iapd.errors import UpstreamError, UpstreamUnavailable
+from iapd.errors import ConfigProblem, UpstreamError, UpstreamUnavailable
+
+T = TypeVar("T")
 
 CLOUD_PLATFORM = "https://www.googleapis.com/auth/cloud-platform"
 
@@ -23,6 +36,92 @@ def adc_file() -> str | None:
     return well_known if os.path.isfile(well_known) else None
 
 
+class GoogleAuth:
+    """Runs google-auth's synchronous code off the event loop, bounded (see the module's doc)."""
+
+    def __init__(self, http_timeout: float) -> None:
+        self.http_timeout = http_timeout
+        self._request = None  # google.auth.transport.Request, made on first use (imports requests)
+
+    def request(self):
+        """google-auth's transport: one reused session, every call bounded by http_timeout."""
+        if self._request is None:
+            import google.auth.transport.requests
+            import requests
+
+            limit = self.http_timeout
+
+            class BoundedRequest(google.auth.transport.requests.Request):
+                def __call__(self, url, method="GET", body=None, headers=None, timeout=None, **kwargs):
+                    timeout = limit if timeout is None else min(timeout, limit)
+                    return super().__call__(url, method, body, headers, timeout=timeout, **kwargs)
+
+            self._request = BoundedRequest(requests.Session())
+        return self._request
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        """`fn(*args)` in a daemon thread; its result (or exception) back on the loop."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future = loop.create_future()
+
+        def settle(outcome: Any, failed: bool) -> None:
+            if not future.done():
+                future.set_exception(outcome) if failed else future.set_result(outcome)
+
+        def work() -> None:
+            try:
+                outcome, failed = fn(*args), False
+            except BaseException as exc:  # noqa: BLE001 - handed to the awaiting coroutine
+                outcome, failed = exc, True
+            try:
+                loop.call_soon_threadsafe(settle, outcome, failed)
+            except RuntimeError:
+                pass  # the loop is closed: we are shutting down and nobody waits any more
+
+        threading.Thread(target=work, name="iapd-google-auth", daemon=True).start()
+        return await future
+
+    def fresh_access_token(self, creds) -> str:
+        """Refresh google-auth credentials if needed and return the access token (in a thread)."""
+        from google.auth import exceptions
+
+        if not creds.valid:
+            try:
+                creds.refresh(self.request())
+            except exceptions.RefreshError as exc:
+                raise _refresh_error(exc) from None
+            except exceptions.TransportError as exc:
+                raise UpstreamUnavailable(f"cannot reach Google to refresh credentials: {type(exc).__name__}") from None
+        return creds.token
+
+
+def read_credentials_file(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            info = json.load(fh)
+    except FileNotFoundError:
+        raise ConfigProblem(f"credentials file {path} does not exist") from None
+    except PermissionError:
+        raise ConfigProblem(f"credentials file {path} is not readable") from None
+    except (OSError, ValueError) as exc:
+        raise ConfigProblem(f"cannot read credentials file {path}: {type(exc).__name__}: {str(exc)[:150]}") from None
+    if not isinstance(info, dict):
+        raise ConfigProblem(f"credentials file {path} is not a JSON object")
+    return info
+
+
+def credentials_from_info(info: dict, endpoints: Endpoints, scopes: list[str], where: str):
+    """google-auth credentials from a credentials file's content (`where` names it in errors)."""
+    from google.auth import exceptions
+
+    try:
+        return _from_info(info, endpoints, scopes)
+    except exceptions.GoogleAuthError as exc:
+        raise ConfigProblem(f"cannot use credentials {where}: {str(exc).splitlines()[0][:200]}") from None
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise ConfigProblem(f"cannot use credentials {where}: {type(exc).__name__}: {str(exc)[:150]}") from None
+
+
 def load_google_credentials(path: str | None, endpoints: Endpoints, scopes: list[str]):
     """A credentials file (or application-default credentials) for calling Google APIs.
 
@@ -32,21 +131,12 @@ def load_google_credentials(path: str | None, endpoints: Endpoints, scopes: list
     Trap: google-auth ignores `token_uri` in an `authorized_user` file (gcloud's ADC) and always
     uses Google's; we apply the file's own token_uri, else the configured token_url.
     """
-    from google.auth import exceptions
-
     path = path or adc_file()
     if path is None:
         from google.auth import compute_engine
 
         return compute_engine.Credentials(scopes=scopes)  # on GCP, ADC is the metadata server
-    try:
-        with open(path, encoding="utf-8") as fh:
-            info = json.load(fh)
-        return _from_info(info, endpoints, scopes)
-    except exceptions.GoogleAuthError as exc:
-        raise UpstreamError(f"cannot use credentials file {path}: {str(exc).splitlines()[0][:200]}") from None
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise UpstreamError(f"cannot read credentials file {path}: {type(exc).__name__}: {str(exc)[:150]}") from None
+    return credentials_from_info(read_credentials_file(path), endpoints, scopes, f"file {path}")
 
 
 def _from_info(info: dict, endpoints: Endpoints, scopes: list[str]):
@@ -74,21 +164,6 @@ def _from_info(info: dict, endpoints: Endpoints, scopes: list[str]):
             from google.auth import identity_pool as module
         return module.Credentials.from_info(info, scopes=scopes)
     raise ValueError(f"unsupported credentials type {kind!r}")
-
-
-def fresh_access_token(creds) -> str:
-    """Refresh google-auth credentials if needed and return the access token (sync: a thread)."""
-    import google.auth.transport.requests
-    from google.auth import exceptions
-
-    if not creds.valid:
-        try:
-            creds.refresh(google.auth.transport.requests.Request())
-        except exceptions.RefreshError as exc:
-            raise _refresh_error(exc) from None
-        except exceptions.TransportError as exc:
-            raise UpstreamUnavailable(f"cannot reach Google to refresh credentials: {type(exc).__name__}") from None
-    return creds.token
 
 
 def _refresh_error(exc: Exception) -> Exception:

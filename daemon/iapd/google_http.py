@@ -4,8 +4,10 @@ and sorting every failure into login-required, transient or permanent."""
 from __future__ import annotations
 
 import asyncio
+import email.utils
 import json
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
@@ -30,15 +32,18 @@ def _oauth_error(status: int, body: Any) -> tuple[str, str]:
     return str(status), ""
 
 
-async def request_json(session: aiohttp.ClientSession, method: str, url: str, *, what: str,
-                       **kwargs: Any) -> dict:
-    """One HTTP call, a JSON object back. Raises:
-    LoginRequired on `invalid_grant` (a dead grant: never retry it in a loop);
-    UpstreamUnavailable on 5xx, 429, timeouts and network errors;
-    UpstreamError on any other refusal."""
-    text = await request_text(session, method, url, what=what, **kwargs)
+@dataclass(frozen=True)
+class Answer:
+    """A 2xx answer: its body, and the server's clock from its `Date` header (None if absent):
+    the skew between that and ours says how to read the `exp` of a token it sent."""
+
+    text: str
+    server_date: float | None
+
+
+def json_object(answer: Answer, what: str) -> dict:
     try:
-        body = json.loads(text)
+        body = json.loads(answer.text)
     except ValueError:
         body = None
     if not isinstance(body, dict):
@@ -46,18 +51,42 @@ async def request_json(session: aiohttp.ClientSession, method: str, url: str, *,
     return body
 
 
+async def request_json(session: aiohttp.ClientSession, method: str, url: str, *, what: str,
+                       **kwargs: Any) -> dict:
+    """One HTTP call, a JSON object back. Raises:
+    LoginRequired on `invalid_grant` (a dead grant: never retry it in a loop);
+    UpstreamUnavailable on 5xx, 429, timeouts and network errors;
+    UpstreamError on any other refusal."""
+    return json_object(await fetch(session, method, url, what=what, **kwargs), what)
+
+
 async def request_text(session: aiohttp.ClientSession, method: str, url: str, *, what: str, **kwargs: Any) -> str:
     """One HTTP call, the body of a 2xx answer back; errors classified as for request_json."""
+    return (await fetch(session, method, url, what=what, **kwargs)).text
+
+
+def _server_date(value: str | None) -> float | None:
+    if not value:
+        return None
+    try:
+        return email.utils.parsedate_to_datetime(value).timestamp()
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+
+
+async def fetch(session: aiohttp.ClientSession, method: str, url: str, *, what: str, **kwargs: Any) -> Answer:
+    """One HTTP call; a 2xx answer back, every failure classified as for request_json."""
     try:
         async with session.request(method, url, **kwargs) as resp:
             text = await resp.text()
             status = resp.status
+            date = _server_date(resp.headers.get("Date"))
     except asyncio.TimeoutError:
         raise UpstreamUnavailable(f"{what}: timed out") from None
     except aiohttp.ClientError as exc:
         raise UpstreamUnavailable(f"{what}: {type(exc).__name__}: {str(exc)[:150]}") from None
     if 200 <= status < 300:
-        return text
+        return Answer(text, date)
     try:
         body = json.loads(text) if text else {}
     except ValueError:
@@ -71,9 +100,9 @@ async def request_text(session: aiohttp.ClientSession, method: str, url: str, *,
         if subtype == "invalid_rapt" or "invalid_rapt" in description:
             raise LoginRequired("your organisation's reauthentication policy requires a new login (invalid_rapt)")
         raise LoginRequired(f"the login has expired or was revoked ({description or 'invalid_grant'})")
-    error = UpstreamError(f"{what}: HTTP {status} {detail}")
-    error.http_status = status
-    raise error
+    refused = UpstreamError(f"{what}: HTTP {status} {detail}")
+    refused.http_status = status
+    raise refused
 
 
 async def revoke(session: aiohttp.ClientSession, url: str, token: str) -> str | None:

@@ -74,20 +74,37 @@ class LoginManager:
         self.timeout = timeout
         self.on_login = on_login  # callback(credential_key) after a successful login
         self.flows: dict[str, LoginFlow] = {}
+        self.opening: dict[str, asyncio.Task] = {}  # flows being set up (the secret is read first)
         self.results: dict[str, dict[str, Any]] = {}  # last outcome per credential, for polling
+        self._tasks: set[asyncio.Task] = set()  # listener shutdowns under way (kept referenced)
 
     async def start(self, credential: UserCredential) -> tuple[LoginFlow, bool]:
-        """The flow for this credential, and whether it was already in flight (joined)."""
-        flow = self.flows.get(credential.key)
+        """The flow for this credential, and whether it was already in flight (joined).
+
+        One flow per account from the very first request: setting one up takes a second (the
+        client secret is read in a child process), and flytekit's parallel `iapctl token` calls
+        must not open a browser tab each. So a flow being set up is joined too."""
+        key = credential.key
+        flow = self.flows.get(key)
         if flow is not None and not flow.done.done():
-            return flow, True  # one browser flow per account: join the one in flight
-        # Read the client secret now, not after the user has clicked through the browser.
-        await credential.client_secret()
+            return flow, True
+        opening = self.opening.get(key)
+        if opening is not None:
+            return await asyncio.shield(opening), True
+        opening = self.opening[key] = asyncio.create_task(self._begin(credential))
+        # Forget it when it is done, whoever was waiting (a caller that went away included).
+        opening.add_done_callback(lambda task: self.opening.get(key) is task and self.opening.pop(key))
+        return await asyncio.shield(opening), False
+
+    async def _begin(self, credential: UserCredential) -> LoginFlow:
+        # Read the client secret now, not after the user has clicked through the browser; anew,
+        # if it names `versions/latest` (it may have been rotated since the last login).
+        await credential.client_secret(fresh=True)
         flow = await self._open(credential)
         self.flows[credential.key] = flow
         asyncio.get_running_loop().call_later(self.timeout, self._expire, flow)
         log.info("%s: login started, listening on %s", credential.key, flow.redirect_uri)
-        return flow, False
+        return flow
 
     async def _open(self, credential: UserCredential) -> LoginFlow:
         verifier = secrets.token_urlsafe(64)
@@ -213,7 +230,12 @@ class LoginManager:
             self.results[flow.credential.key] = {"state": "done", "email": outcome}
             flow.done.set_result(outcome)
         # Close the listener after this response has been sent.
-        asyncio.get_running_loop().call_later(0.5, lambda: asyncio.ensure_future(self._close(flow)))
+        asyncio.get_running_loop().call_later(0.5, self._close_soon, flow)
+
+    def _close_soon(self, flow: LoginFlow) -> None:
+        task = asyncio.create_task(self._close(flow))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def _expire(self, flow: LoginFlow) -> None:
         if not flow.done.done():
@@ -243,6 +265,8 @@ class LoginManager:
         return self.result(key)
 
     async def close(self) -> None:
+        for opening in list(self.opening.values()):
+            opening.cancel()
         for flow in list(self.flows.values()):
             if not flow.done.done():
                 flow.done.cancel()

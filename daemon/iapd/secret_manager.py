@@ -15,7 +15,7 @@ import sys
 
 from iapd.config import Endpoints
 from iapd.crc32c import crc32c
-from iapd.errors import UpstreamError, UpstreamUnavailable, without_message
+from iapd.errors import ConfigProblem, IapdError, UpstreamError, UpstreamUnavailable, without_message
 from iapd.google_creds import CLOUD_PLATFORM, load_google_credentials
 
 
@@ -54,7 +54,7 @@ def _access(name: str, credentials_path: str | None, endpoints: Endpoints, timeo
 
 
 log = logging.getLogger("iapd.secret_manager")
-ERRORS = {UpstreamError.code: UpstreamError, UpstreamUnavailable.code: UpstreamUnavailable}
+ERRORS = {cls.code: cls for cls in (UpstreamError, UpstreamUnavailable, ConfigProblem)}
 
 
 async def read_secret(name: str, credentials_path: str | None, endpoints: Endpoints, timeout: float) -> str:
@@ -72,6 +72,14 @@ async def read_secret(name: str, credentials_path: str | None, endpoints: Endpoi
         proc.kill()
         await proc.wait()
         raise UpstreamUnavailable(f"reading client secret {name}: timed out") from None
+    except asyncio.CancelledError:
+        # Nobody waits for the answer any more (a shutdown, say): the child, which holds the
+        # credentials, must not live on by itself.
+        try:
+            proc.kill()
+        except ProcessLookupError:
+            pass
+        raise
     try:
         answer = json.loads(out)
         if "secret" in answer:
@@ -88,8 +96,8 @@ def _child() -> None:
     try:
         secret = _access(request["name"], request["credentials"], Endpoints(**request["endpoints"]),
                          float(request["timeout"]))
-    except (UpstreamError, UpstreamUnavailable) as exc:
-        json.dump({"error": exc.code, "message": exc.message}, sys.stdout)
+    except IapdError as exc:
+        json.dump({"error": exc.code if exc.code in ERRORS else UpstreamError.code, "message": exc.message}, sys.stdout)
     except Exception as exc:  # noqa: BLE001 - anything else is reported, without its message
         json.dump({"error": UpstreamError.code,
                    "message": f"reading client secret failed unexpectedly: {without_message(exc)}"}, sys.stdout)

@@ -8,6 +8,7 @@ mode, refresh-token rotation, fault injection on any endpoint, revoking a user, 
 from __future__ import annotations
 
 import asyncio
+import email.utils
 import json
 import logging
 import os
@@ -27,6 +28,14 @@ log = logging.getLogger("iapd.emulator")
 
 
 @web.middleware
+async def emulated_clock(request: web.Request, handler):
+    """`Date` from the emulated clock, so that a skewed Google looks skewed to its clients too."""
+    response = await handler(request)
+    response.headers["Date"] = email.utils.formatdate(request.app[oauth.STATE_KEY].now(), usegmt=True)
+    return response
+
+
+@web.middleware
 async def counters_and_faults(request: web.Request, handler):
     """Counts every call per endpoint, then applies the next injected fault for it, if any."""
     route = request.match_info.route.name
@@ -34,6 +43,16 @@ async def counters_and_faults(request: web.Request, handler):
         return await handler(request)
     state: EmulatorState = request.app[oauth.STATE_KEY]
     state.counters[route] += 1
+    in_flight = f"in_flight:{route}"
+    state.counters[in_flight] += 1
+    state.counters[f"max_{in_flight}"] = max(state.counters[f"max_{in_flight}"], state.counters[in_flight])
+    try:
+        return await _with_faults(state, route, request, handler)
+    finally:
+        state.counters[in_flight] -= 1
+
+
+async def _with_faults(state: EmulatorState, route: str, request: web.Request, handler):
     fault = state.pop_fault(route)
     if fault is None:
         return await handler(request)
@@ -69,6 +88,7 @@ async def control_get(request: web.Request) -> web.Response:
         "clock_offset": state.clock_offset,
         "approve": state.approve,
         "user_email": state.user_email,
+        "metadata_cache": state.metadata_cache,
         "rotate_refresh_tokens": state.rotate_refresh_tokens,
         "live_refresh_tokens": len(state.refresh_tokens),
         "pending_faults": {k: len(v) for k, v in state.faults.items() if v},
@@ -82,9 +102,12 @@ async def control_post(request: web.Request) -> web.Response:
     try:
         body = await request.json() if request.can_read_body else {}
         if action == "settings":
-            for key in ("token_lifetime", "clock_offset", "approve", "rotate_refresh_tokens", "user_email"):
+            for key in ("token_lifetime", "clock_offset", "approve", "rotate_refresh_tokens", "user_email",
+                        "metadata_cache"):
                 if key in body:
                     setattr(state, key, type(getattr(state, key))(body[key]))
+            if "metadata_cache" in body:
+                state.metadata_tokens.clear()
             if state.approve not in ("auto", "consent", "deny"):
                 raise ValueError("approve must be auto, consent or deny")
         elif action == "faults":
@@ -92,6 +115,8 @@ async def control_post(request: web.Request) -> web.Response:
                              float(body.get("delay", 0)))
         elif action == "clear_faults":
             state.faults.clear()
+        elif action == "rotate_client_secret":
+            state.rotate_client_secret()
         elif action == "reset_counters":
             state.counters.clear()
         elif action == "revoke_user":
@@ -105,7 +130,7 @@ async def control_post(request: web.Request) -> web.Response:
 
 
 def make_google_app(state: EmulatorState) -> web.Application:
-    app = web.Application(middlewares=[gcp.metadata_flavor, counters_and_faults])
+    app = web.Application(middlewares=[emulated_clock, gcp.metadata_flavor, counters_and_faults])
     app[oauth.STATE_KEY] = state
     r = app.router
     r.add_get("/o/oauth2/v2/auth", oauth.authorize, name="auth")

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from iapd.emulator.state import (
-    ADC_CLIENT_ID, DEMO_SA_EMAIL, DESKTOP_CLIENT_ID, DESKTOP_SECRET_NAME, IAP_CLIENT_ID, PROJECT, WIF_AUDIENCE,
+    ADC_CLIENT_ID, DEMO_SA_EMAIL, DEPLOYER_SA_EMAIL, DESKTOP_CLIENT_ID, DESKTOP_SECRET_NAME, IAP_CLIENT_ID, PROJECT, WIF_AUDIENCE,
     WIF_ISSUER, WIF_SUBJECT, EmulatorState,
 )
 from iapd.fsutil import atomic_write
@@ -41,6 +41,12 @@ def write_demo_files(config_path: Path, state: EmulatorState, urls: dict[str, st
            "credential_source": {"file": str(subject_path), "format": {"type": "text"}}}
     atomic_write(folder / "emulator-wif.json", json.dumps(wif, indent=2).encode())
 
+    # What `gcloud auth application-default login --impersonate-service-account=deployer@…` writes.
+    impersonated = {"type": "impersonated_service_account", "delegates": [], "source_credentials": adc,
+                    "service_account_impersonation_url":
+                        f"{urls['iam_credentials_url']}/v1/projects/-/serviceAccounts/{DEPLOYER_SA_EMAIL}:generateAccessToken"}
+    atomic_write(folder / "emulator-impersonated.json", json.dumps(impersonated, indent=2).encode())
+
     sa = state.service_accounts[DEMO_SA_EMAIL]
     key = {"type": "service_account", "project_id": PROJECT, "private_key_id": sa.key.kid,
            "private_key": sa.key.private_pem, "client_email": sa.email, "client_id": sa.unique_id,
@@ -54,7 +60,7 @@ def write_demo_files(config_path: Path, state: EmulatorState, urls: dict[str, st
         "[endpoints]",
         *(f"{key} = {_toml_str(urls[src])}" for key, src in [
             ("auth_url", "oauth_auth_url"), ("token_url", "token_url"), ("revoke_url", "revoke_url"),
-            ("certs_url", "certs_url"), ("secret_manager_url", "secret_manager_url"),
+            ("secret_manager_url", "secret_manager_url"),
             ("metadata_url", "metadata_url"), ("iam_credentials_url", "iam_credentials_url")]),
         "",
         "[profiles.demo-user]",

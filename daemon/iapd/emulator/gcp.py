@@ -85,7 +85,7 @@ async def metadata_identity(request: web.Request) -> web.Response:
         extra = {"google": {"compute_engine": {"project_id": PROJECT, "project_number": int(PROJECT_NUMBER),
                                                "zone": "europe-west1-b", "instance_name": "iapd-emulator"}}}
     state.counters[f"metadata_identity:{audience}"] += 1
-    return _metadata_response(state.sa_id_token(sa, audience, extra=extra))
+    return _metadata_response(state.metadata_id_token(sa, audience, request.query.get("format") == "full", extra))
 
 
 async def metadata_email(request: web.Request) -> web.Response:
@@ -124,11 +124,14 @@ async def _impersonation(request: web.Request, permission: str) -> tuple[dict, s
     for hop in chain:
         if hop not in state.service_accounts:
             return google_error(404, "NOT_FOUND", f"Not found; Gaia id not found for email {hop}")
+    # Each delegate needs implicitDelegation granted by the one before it; the last actor needs
+    # the method's own permission on the target (getOpenIdToken is not getAccessToken).
     actor = caller
-    for hop in chain:
-        if actor not in state.impersonators.get(hop, set()):
+    for i, hop in enumerate(chain):
+        needed = permission if i == len(chain) - 1 else "implicitDelegation"
+        if not state.may(actor, needed, hop):
             return google_error(403, "PERMISSION_DENIED",
-                                f"Permission '{permission}' denied on resource (or it may not exist).")
+                                f"Permission 'iam.serviceAccounts.{needed}' denied on resource (or it may not exist).")
         actor = hop
     return body, target_email
 
@@ -136,7 +139,7 @@ async def _impersonation(request: web.Request, permission: str) -> tuple[dict, s
 async def generate_id_token(request: web.Request) -> web.Response:
     """POST /v1/projects/-/serviceAccounts/{sa}:generateIdToken (IAM Credentials)."""
     state: EmulatorState = request.app[STATE_KEY]
-    checked = await _impersonation(request, "iam.serviceAccounts.getOpenIdToken")
+    checked = await _impersonation(request, "getOpenIdToken")
     if isinstance(checked, web.Response):
         return checked
     body, target = checked
@@ -152,7 +155,7 @@ async def generate_access_token(request: web.Request) -> web.Response:
     """POST /v1/projects/-/serviceAccounts/{sa}:generateAccessToken (how external accounts and
     impersonated credentials become a service account)."""
     state: EmulatorState = request.app[STATE_KEY]
-    checked = await _impersonation(request, "iam.serviceAccounts.getAccessToken")
+    checked = await _impersonation(request, "getAccessToken")
     if isinstance(checked, web.Response):
         return checked
     _, target = checked

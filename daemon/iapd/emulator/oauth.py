@@ -77,8 +77,8 @@ async def authorize(request: web.Request) -> web.Response:
     if q.get("response_type") != "code":
         fail("unsupported_response_type", "response_type must be code")
     scope = q.get("scope", "")
-    if "openid" not in scope.split():
-        fail("invalid_scope", "scope must include openid")
+    if not scope.split():
+        fail("invalid_request", "Missing required parameter: scope")
     challenge = q.get("code_challenge")
     method = q.get("code_challenge_method", "plain")
     if not challenge:
@@ -90,7 +90,7 @@ async def authorize(request: web.Request) -> web.Response:
     if state.approve == "deny":
         fail("access_denied", "The user denied access")
     grant = CodeGrant(client.client_id, redirect_uri, challenge, method, state.user_email,
-                      _granted_scope(scope), state.now() + 600)
+                      _granted_scope(scope), state.now() + 600, offline=q.get("access_type") == "offline")
     if state.approve == "consent":
         ticket = secrets.token_urlsafe(16)
         state.codes["consent:" + ticket] = grant
@@ -185,15 +185,17 @@ def _code_exchange(state: EmulatorState, request: web.Request, form) -> web.Resp
         return oauth_error("redirect_uri_mismatch", "Bad Request")
     if grant.challenge and not _pkce_ok(grant, form.get("code_verifier")):
         return oauth_error("invalid_grant", "Invalid code verifier.")
-    refresh_token = state.issue_refresh_token(client.client_id, grant.email, grant.scope)
-    return web.json_response({
+    body = {
         "access_token": state.issue_access_token(grant.email),
         "expires_in": state.token_lifetime,
-        "refresh_token": refresh_token,
         "scope": grant.scope,
         "token_type": "Bearer",
-        "id_token": state.user_id_token(grant.email, client.client_id, None),
-    })
+    }
+    if "openid" in grant.scope.split():  # Google returns an ID token only for the openid scope
+        body["id_token"] = state.user_id_token(grant.email, client.client_id, None)
+    if grant.offline:  # and a refresh token only for access_type=offline
+        body["refresh_token"] = state.issue_refresh_token(client.client_id, grant.email, grant.scope)
+    return web.json_response(body)
 
 
 def _refresh(state: EmulatorState, request: web.Request, form) -> web.Response:
@@ -205,18 +207,22 @@ def _refresh(state: EmulatorState, request: web.Request, form) -> web.Response:
     if grant is None or grant.client_id != client.client_id:
         return oauth_error("invalid_grant", "Token has been expired or revoked.")
     audience = form.get("audience")
-    if audience is not None and audience not in state.clients:
-        # Google only mints ID tokens for OAuth clients of a project; the exact error for an
-        # unknown audience is not documented, this is the closest documented shape.
-        return oauth_error("invalid_request", f"Invalid audience: {audience}")
+    if audience is not None:
+        target = state.clients.get(str(audience))
+        if target is None or target.project != client.project:
+            # Google mints ID tokens only for an OAuth client of the same project as the client
+            # asking; the exact error is not documented, this is the closest documented shape.
+            state.counters[f"refused_audience:{audience}"] += 1
+            return oauth_error("invalid_request", f"Invalid audience: {audience}")
     state.counters[f"refresh:{audience or client.client_id}"] += 1
     body = {
         "access_token": state.issue_access_token(grant.email),
         "expires_in": state.token_lifetime,
         "scope": grant.scope,
         "token_type": "Bearer",
-        "id_token": state.user_id_token(grant.email, client.client_id, audience),
     }
+    if "openid" in grant.scope.split():
+        body["id_token"] = state.user_id_token(grant.email, client.client_id, audience)
     if state.rotate_refresh_tokens and grant.client_id != ADC_CLIENT_ID:
         # Google does not rotate refresh tokens, other IdPs do: the old one dies at once. (Not for
         # the ADC file's grant: that file is gcloud's, and nothing would write the new token back.)
@@ -254,7 +260,8 @@ async def revoke(request: web.Request) -> web.Response:
     value = str(form.get("token") or request.query.get("token", ""))
     if state.refresh_tokens.pop(value, None) is not None or state.access_tokens.pop(value, None) is not None:
         state.counters["revoked"] += 1
-        return web.json_response({})
+        # RFC 7009: 200, and the client ignores the body; Google's is empty.
+        return web.Response(status=200)
     return oauth_error("invalid_token", "Token expired or revoked")
 
 

@@ -21,6 +21,8 @@ DESKTOP_CLIENT_ID = f"{PROJECT_NUMBER}-desktop.apps.googleusercontent.com"
 IAP_CLIENT_ID = f"{PROJECT_NUMBER}-iap.apps.googleusercontent.com"
 # The client gcloud uses for application-default credentials (an `authorized_user` file).
 ADC_CLIENT_ID = f"{PROJECT_NUMBER}-adc.apps.googleusercontent.com"
+# An IAP client of another project: Google mints no ID token for it to our desktop client.
+OTHER_PROJECT_IAP_CLIENT_ID = "210987654321-iap.apps.googleusercontent.com"
 DESKTOP_SECRET_NAME = f"projects/{PROJECT}/secrets/iap-desktop-client-secret/versions/latest"
 DEMO_SA_EMAIL = f"demo-ci@{PROJECT}.iam.gserviceaccount.com"
 DEPLOYER_SA_EMAIL = f"deployer@{PROJECT}.iam.gserviceaccount.com"
@@ -32,6 +34,15 @@ WIF_SUBJECT = "repo:example/flyte-workflows:ref:refs/heads/main"
 WIF_PRINCIPAL = f"principal://iam.googleapis.com/projects/{PROJECT_NUMBER}/locations/global/workloadIdentityPools/ci/subject/{WIF_SUBJECT}"
 WIF_ISSUER = "https://token.actions.githubusercontent.com"
 
+# Service-account roles, as the permissions the emulated IAM Credentials API checks.
+ROLES = {
+    "serviceAccountTokenCreator": {"getAccessToken", "getOpenIdToken", "implicitDelegation", "signJwt"},
+    "serviceAccountOpenIdTokenCreator": {"getOpenIdToken"},
+    "workloadIdentityUser": {"getAccessToken", "getOpenIdToken"},
+}
+
+METADATA_CACHE_UNTIL_LEFT = 300
+
 FAULT_KINDS = {"500", "503", "429", "invalid_grant", "invalid_rapt", "delay", "drop"}
 
 
@@ -40,6 +51,7 @@ class OAuthClient:
     client_id: str
     secret: str
     desktop: bool  # desktop ("installed") clients may use loopback redirects
+    project: str = PROJECT  # Google mints ID tokens only for an audience of the same project
 
 
 @dataclass
@@ -51,6 +63,7 @@ class CodeGrant:
     email: str
     scope: str
     expires: float
+    offline: bool = False  # access_type=offline: the code exchange returns a refresh token
 
 
 @dataclass
@@ -87,8 +100,11 @@ class EmulatorState:
     refresh_tokens: dict[str, RefreshGrant] = field(default_factory=dict)
     access_tokens: dict[str, tuple[str, float]] = field(default_factory=dict)  # token -> (email, exp)
     service_accounts: dict[str, ServiceAccount] = field(default_factory=dict)
-    # target service account -> identities allowed to call generateIdToken for it
-    impersonators: dict[str, set[str]] = field(default_factory=dict)
+    # IAM on service accounts: target -> member -> permissions (short names, see ROLES)
+    iam: dict[str, dict[str, set[str]]] = field(default_factory=dict)
+    # The metadata server caches ID tokens per audience (True: as Google's does)
+    metadata_cache: bool = True
+    metadata_tokens: dict[tuple[str, str], str] = field(default_factory=dict)
     secrets: dict[str, bytes] = field(default_factory=dict)
     faults: dict[str, deque[Fault]] = field(default_factory=dict)
     counters: Counter = field(default_factory=Counter)
@@ -104,18 +120,36 @@ class EmulatorState:
         desktop = OAuthClient(DESKTOP_CLIENT_ID, "GOCSPX-" + secrets.token_urlsafe(24), desktop=True)
         adc = OAuthClient(ADC_CLIENT_ID, "d-" + secrets.token_urlsafe(24), desktop=True)
         iap = OAuthClient(IAP_CLIENT_ID, "GOCSPX-" + secrets.token_urlsafe(24), desktop=False)
-        for client in (desktop, adc, iap):
+        other = OAuthClient(OTHER_PROJECT_IAP_CLIENT_ID, "GOCSPX-" + secrets.token_urlsafe(24), desktop=False,
+                            project="other-project")
+        for client in (desktop, adc, iap, other):
             state.clients[client.client_id] = client
         # IAP's programmatic-access allowlist: tokens whose aud is the desktop client pass too.
         state.allowlisted_clients.add(DESKTOP_CLIENT_ID)
         state.secrets[DESKTOP_SECRET_NAME.rsplit("/versions/", 1)[0]] = desktop.secret.encode()
         for email in (DEMO_SA_EMAIL, DEPLOYER_SA_EMAIL, METADATA_SA_EMAIL):
             state.add_service_account(email)
-        state.impersonators[DEPLOYER_SA_EMAIL] = {user_email, DEMO_SA_EMAIL, METADATA_SA_EMAIL}
-        # The CI pool may act as demo-ci (workloadIdentityUser), which may mint its own ID tokens;
-        # deployer may act as demo-ci too (so a chain user → deployer → demo-ci exists).
-        state.impersonators[DEMO_SA_EMAIL] = {WIF_PRINCIPAL, DEMO_SA_EMAIL, DEPLOYER_SA_EMAIL}
+        for member in (user_email, DEMO_SA_EMAIL, METADATA_SA_EMAIL):
+            state.grant(DEPLOYER_SA_EMAIL, member, "serviceAccountTokenCreator")
+        # The CI pool may act as demo-ci (workloadIdentityUser); deployer may act as demo-ci too
+        # (so a chain user → deployer → demo-ci exists). Nobody holds a role on *itself*: a
+        # service account cannot mint its own ID tokens through IAM by default, as at Google.
+        state.grant(DEMO_SA_EMAIL, WIF_PRINCIPAL, "workloadIdentityUser")
+        state.grant(DEMO_SA_EMAIL, DEPLOYER_SA_EMAIL, "serviceAccountTokenCreator")
         return state
+
+    def grant(self, target: str, member: str, role: str) -> None:
+        self.iam.setdefault(target, {}).setdefault(member, set()).update(ROLES[role])
+
+    def may(self, member: str, permission: str, target: str) -> bool:
+        return permission in self.iam.get(target, {}).get(member, set())
+
+    def rotate_client_secret(self, client_id: str = DESKTOP_CLIENT_ID) -> None:
+        """A new secret for the client, as a new version of its secret in Secret Manager; the
+        old secret stops working at once (an admin who rotates it because it leaked)."""
+        client = self.clients[client_id]
+        client.secret = "GOCSPX-" + secrets.token_urlsafe(24)
+        self.secrets[DESKTOP_SECRET_NAME.rsplit("/versions/", 1)[0]] = client.secret.encode()
 
     def add_iap_clients(self, count: int) -> list[str]:
         """More web clients (audiences), as a project with many IAP-protected apps has."""
@@ -162,6 +196,20 @@ class EmulatorState:
             claims["email_verified"] = True
         claims.update(extra or {})
         return self.signing_key.sign(claims)
+
+    def metadata_id_token(self, sa: ServiceAccount, audience: str, full: bool, extra: dict | None) -> str:
+        """The metadata server's ID token: it hands back the one it has for this audience until
+        shortly (5 minutes) before it expires, as Google documents for its access tokens."""
+        key = (audience, "full" if full else "standard")
+        cached = self.metadata_tokens.get(key)
+        if self.metadata_cache and cached is not None:
+            from google.auth import jwt as google_jwt
+
+            if google_jwt.decode(cached, verify=False)["exp"] - self.now() > METADATA_CACHE_UNTIL_LEFT:
+                return cached
+        token = self.sa_id_token(sa, audience, extra=extra)
+        self.metadata_tokens[key] = token
+        return token
 
     def user_id_token(self, email: str, client_id: str, audience: str | None) -> str:
         # Google adds `hd` (hosted domain) for accounts of a Workspace organisation, not for gmail.com.

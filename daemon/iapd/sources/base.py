@@ -1,36 +1,62 @@
 """The one interface every token source implements, so the cache never cares where a token
-comes from (google-auth's `Credentials` idea, made async)."""
+comes from (google-auth's `Credentials` idea, made async), and what every source is handed."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
+
+import aiohttp
 
 from iapd.clock import Clock
-from iapd.jwt import MalformedToken, unverified_claims
+from iapd.config import Endpoints
 from iapd.errors import UpstreamError
+from iapd.jwt import MalformedToken, unverified_claims
+
+if TYPE_CHECKING:
+    from iapd.google_creds import GoogleAuth
+
+
+@dataclass(frozen=True)
+class SourceContext:
+    """Everything a source may use, passed in explicitly (google-auth's `refresh(request)`
+    passes its transport the same way): sources never see the agent, the cache or a socket."""
+
+    session: aiohttp.ClientSession
+    clock: Clock
+    endpoints: Endpoints
+    http_timeout: float
+    google_auth: "GoogleAuth"  # google-auth's synchronous code, run off the loop and bounded
 
 
 @dataclass(frozen=True)
 class IdToken:
     value: str = field(repr=False)
     claims: dict
-    lifetime: float
+    lifetime: float  # from receipt, on our clocks
     received_wall: float
     received_mono: float
 
     @classmethod
-    def received(cls, value: str, clock: Clock) -> "IdToken":
-        """Lifetime comes from the token itself (`exp - iat`), and is counted from *our* clock at
-        receipt: a skewed IdP or local clock then cannot make us serve an expired token."""
+    def received(cls, value: str, clock: Clock, server_date: float | None = None) -> "IdToken":
+        """A token's life is the *smaller* of two measures, both counted from receipt on our
+        clocks: its full lifetime (`exp - iat`: a skewed IdP or local clock cannot make us
+        serve it expired), and what is left of it by its own `exp`, read against the issuer's
+        clock as its `Date` header shows it. The second matters when an upstream hands back a
+        token it cached — the metadata server does — which arrives with minutes, not an hour,
+        left."""
         try:
             claims = unverified_claims(value)
-            lifetime = float(claims["exp"]) - float(claims["iat"])
+            exp, iat = float(claims["exp"]), float(claims["iat"])
         except (MalformedToken, KeyError, TypeError, ValueError):
             raise UpstreamError("the token endpoint returned a malformed ID token") from None
+        wall = clock.wall()
+        lifetime = exp - iat
+        if server_date is not None:
+            lifetime = min(lifetime, exp - server_date)
         if lifetime <= 0:
-            raise UpstreamError("the token endpoint returned an ID token with no lifetime")
-        return cls(value, claims, lifetime, clock.wall(), clock.mono())
+            raise UpstreamError("the token endpoint returned an ID token that has already expired")
+        return cls(value, claims, lifetime, wall, clock.mono())
 
     def remaining(self, clock: Clock) -> float:
         return min(self.received_wall + self.lifetime - clock.wall(),
@@ -46,7 +72,7 @@ class TokenSource(Protocol):
 
     `key` names the credential: profiles whose sources share a key share logins, refresh
     tokens and login-required state. `fetch` raises LoginRequired, UpstreamUnavailable
-    (transient) or UpstreamError; it never blocks the event loop.
+    (transient), UpstreamError (refused) or ConfigProblem; it never blocks the event loop.
     """
 
     key: str

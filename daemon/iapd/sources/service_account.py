@@ -9,41 +9,42 @@
 
 Service accounts need an audience: Google mints their ID tokens only for a named one, and the
 tokens must carry `email` (IAP requires it for service accounts), which each path asks for.
+
+generateIdToken needs `iam.serviceAccounts.getOpenIdToken` on the target, which a service
+account does not hold on itself. So it is always called with the *source* credentials of an
+impersonation (gcloud's user login, the federated token of workload identity) and the
+delegates, never as the target itself — as google-auth's `impersonated_credentials` does.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import re
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any, Callable
 
 from iapd.config import ADCSource, ImpersonateSource, KeyFileSource, MetadataSource
-from iapd.errors import LoginRequired, UpstreamError, UpstreamUnavailable
-from iapd.google_creds import CLOUD_PLATFORM, adc_file, fresh_access_token, load_google_credentials
-from iapd.google_http import request_json, request_text
-from iapd.sources.base import IdToken
-
-if TYPE_CHECKING:
-    from iapd.agent import Agent
+from iapd.errors import ConfigProblem, LoginRequired, UpstreamError, UpstreamUnavailable
+from iapd.google_creds import CLOUD_PLATFORM, adc_file, credentials_from_info, read_credentials_file
+from iapd.google_http import fetch, json_object
+from iapd.sources.base import IdToken, SourceContext
 
 JWT_BEARER = "urn:ietf:params:oauth:grant-type:jwt-bearer"
 
 
 def _need_audience(audience: str | None, profile: str) -> str:
     if not audience:
-        raise UpstreamError(f"profile {profile!r}: a service account needs an `audience` (the IAP client id)")
+        raise ConfigProblem(f"profile {profile!r}: a service account needs an `audience` (the IAP client id)")
     return audience
 
 
 class KeyFileCredential:
     kind = "service_account:key_file"
 
-    def __init__(self, profile: str, path: str, agent: "Agent") -> None:
+    def __init__(self, profile: str, path: str, ctx: SourceContext) -> None:
         self.profile = profile
         self.path = path
-        self.agent = agent
+        self.ctx = ctx
         self.key = f"key_file:{self.path}"
         self._info: dict[str, Any] | None = None
 
@@ -54,50 +55,53 @@ class KeyFileCredential:
         # google.auth.crypt pulls in cryptography (~50 ms, several MiB): only for key-file users.
         from google.auth import crypt
 
+        info = read_credentials_file(self.path)
         try:
-            with open(self.path, encoding="utf-8") as fh:
-                info = json.load(fh)
             if info.get("type") != "service_account":
                 raise ValueError(f"type is {info.get('type')!r}, expected 'service_account'")
             signer = crypt.RSASigner.from_service_account_info(info)
-        except FileNotFoundError:
-            raise UpstreamError(f"service account key file {self.path} does not exist") from None
-        except PermissionError:
-            raise UpstreamError(f"service account key file {self.path} is not readable") from None
         except (ValueError, KeyError, TypeError) as exc:
-            raise UpstreamError(f"service account key file {self.path} is not a valid key: {str(exc)[:120]}") from None
+            raise ConfigProblem(f"service account key file {self.path} is not a valid key: {str(exc)[:120]}") from None
         return {**info, "_signer": signer}
+
+    def _assertion(self, claims: dict[str, Any]) -> str:
+        from google.auth import jwt as google_jwt
+
+        assert self._info is not None
+        return google_jwt.encode(self._info["_signer"], claims).decode()
 
     async def fetch(self, audience: str | None) -> IdToken:
         audience = _need_audience(audience, self.profile)
         if self._info is None:
-            self._info = await asyncio.to_thread(self._load)
-        endpoints = self.agent.config.endpoints
+            self._info = await self.ctx.google_auth.run(self._load)
+        endpoints = self.ctx.endpoints
         # The configured token endpoint wins when set; otherwise the key file's own.
         token_url = endpoints.token_url if "token_url" in endpoints.model_fields_set else \
             self._info.get("token_uri", endpoints.token_url)
+        # Google reads these against its own clock: the system's, not the one renewals are
+        # scheduled on (which tests shift to play a suspend).
         now = int(time.time())
         claims = {"iss": self._info["client_email"], "aud": token_url, "iat": now, "exp": now + 3600,
                   "target_audience": audience}
-        from google.auth import jwt as google_jwt
-
-        assertion = google_jwt.encode(self._info["_signer"], claims).decode()
+        # An RSA signature is ~1 ms of CPU: off the loop, since after a suspend many are due at once.
+        assertion = await self.ctx.google_auth.run(self._assertion, claims)
         try:
-            body = await request_json(self.agent.session, "POST", token_url, what="getting a service-account ID token",
-                                      data={"grant_type": JWT_BEARER, "assertion": assertion})
+            answer = await fetch(self.ctx.session, "POST", token_url, what="getting a service-account ID token",
+                                 data={"grant_type": JWT_BEARER, "assertion": assertion})
         except LoginRequired as exc:
             raise UpstreamError(f"the service account key in {self.path} was refused: {exc.message}") from None
+        body = json_object(answer, "getting a service-account ID token")
         if not isinstance(body.get("id_token"), str):
             raise UpstreamError("the token endpoint returned no id_token for the service account")
-        return IdToken.received(body["id_token"], self.agent.clock)
+        return IdToken.received(body["id_token"], self.ctx.clock, answer.server_date)
 
 
 class MetadataCredential:
     kind = "service_account:metadata"
 
-    def __init__(self, profile: str, agent: "Agent") -> None:
+    def __init__(self, profile: str, ctx: SourceContext) -> None:
         self.profile = profile
-        self.agent = agent
+        self.ctx = ctx
         self.key = "metadata:default"
         self._email: str | None = None
 
@@ -106,32 +110,58 @@ class MetadataCredential:
 
     async def fetch(self, audience: str | None) -> IdToken:
         audience = _need_audience(audience, self.profile)
-        base = self.agent.config.endpoints.metadata_url.rstrip("/")
+        base = self.ctx.endpoints.metadata_url.rstrip("/")
         url = f"{base}/computeMetadata/v1/instance/service-accounts/default/identity"
         try:
             # format=full: the token carries `email`, which IAP requires for service accounts.
-            token = await request_text(self.agent.session, "GET", url, what="asking the metadata server",
-                                       params={"audience": audience, "format": "full"},
-                                       headers={"Metadata-Flavor": "Google"})
+            answer = await fetch(self.ctx.session, "GET", url, what="asking the metadata server",
+                                 params={"audience": audience, "format": "full"}, headers={"Metadata-Flavor": "Google"})
         except UpstreamUnavailable as exc:
             raise UpstreamUnavailable(f"{exc.message} (is this a GCE/GKE/Cloud Run machine? metadata server: {base})") from None
-        id_token = IdToken.received(token.strip(), self.agent.clock)
+        # Trap: the metadata server caches ID tokens and hands back the same one until shortly
+        # before it expires: its `exp`, not our receipt, says how long it lives (IdToken).
+        id_token = IdToken.received(answer.text.strip(), self.ctx.clock, answer.server_date)
         self._email = id_token.email
         return id_token
 
 
+class AccessTokenSource:
+    """An OAuth access token from google-auth credentials, loaded once (by `load`, in a thread)
+    and refreshed when needed, one refresh at a time."""
+
+    def __init__(self, name: str, load: Callable[[], Any], ctx: SourceContext) -> None:
+        self.name = name
+        self.load = load
+        self.ctx = ctx
+        self._creds = None
+        self._lock = asyncio.Lock()
+
+    @classmethod
+    def from_file(cls, path: str | None, ctx: SourceContext) -> "AccessTokenSource":
+        from iapd.google_creds import load_google_credentials
+
+        return cls(path or "application-default credentials",
+                   lambda: load_google_credentials(path, ctx.endpoints, [CLOUD_PLATFORM]), ctx)
+
+    async def token(self) -> str:
+        async with self._lock:
+            if self._creds is None:
+                self._creds = await self.ctx.google_auth.run(self.load)
+            return await self.ctx.google_auth.run(self.ctx.google_auth.fresh_access_token, self._creds)
+
+
 class IamIdTokenCredential:
-    """generateIdToken for `target`, authorised by an access token of the caller's credentials."""
+    """generateIdToken for `target` through `delegates`, authorised by the caller's access token."""
 
     kind = "service_account:impersonate"
 
-    def __init__(self, profile: str, target: str, delegates: list[str], caller: "AccessTokenSource",
-                 agent: "Agent") -> None:
+    def __init__(self, profile: str, target: str, delegates: list[str], caller: AccessTokenSource,
+                 ctx: SourceContext) -> None:
         self.profile = profile
         self.target = target
         self.delegates = delegates
         self.caller = caller
-        self.agent = agent
+        self.ctx = ctx
         self.key = f"impersonate:{target}:{caller.name}"
 
     def identity(self) -> str | None:
@@ -139,43 +169,24 @@ class IamIdTokenCredential:
 
     async def fetch(self, audience: str | None) -> IdToken:
         audience = _need_audience(audience, self.profile)
-        base = self.agent.config.endpoints.iam_credentials_url.rstrip("/")
+        base = self.ctx.endpoints.iam_credentials_url.rstrip("/")
         url = f"{base}/v1/projects/-/serviceAccounts/{self.target}:generateIdToken"
         body = {"audience": audience, "includeEmail": True,
                 "delegates": [f"projects/-/serviceAccounts/{d}" for d in self.delegates]}
         headers = {"Authorization": f"Bearer {await self.caller.token()}"}
         try:
-            answer = await request_json(self.agent.session, "POST", url, json=body, headers=headers,
-                                        what=f"impersonating {self.target}")
+            answer = await fetch(self.ctx.session, "POST", url, json=body, headers=headers,
+                                 what=f"impersonating {self.target}")
         except UpstreamError as exc:
             if exc.http_status in (401, 403):
                 raise UpstreamError(
                     f"permission denied on impersonation: {self.caller.name} may not mint ID tokens for {self.target} "
                     "(it needs roles/iam.serviceAccountOpenIdTokenCreator on it, and on each delegate)") from None
             raise
-        if not isinstance(answer.get("token"), str):
+        token = json_object(answer, f"impersonating {self.target}").get("token")
+        if not isinstance(token, str):
             raise UpstreamError("IAM Credentials returned no token")
-        return IdToken.received(answer["token"], self.agent.clock)
-
-
-class AccessTokenSource:
-    """An OAuth access token from google-auth credentials (a file, or application-default).
-
-    google-auth is synchronous: loading and refreshing run in a worker thread, one at a time."""
-
-    def __init__(self, credentials_file: str | None, agent: "Agent") -> None:
-        self.path = credentials_file
-        self.agent = agent
-        self.name = credentials_file or "application-default credentials"
-        self._creds = None
-        self._lock = asyncio.Lock()
-
-    async def token(self) -> str:
-        async with self._lock:
-            if self._creds is None:
-                self._creds = await asyncio.to_thread(load_google_credentials, self.path, self.agent.config.endpoints,
-                                                      [CLOUD_PLATFORM])
-            return await asyncio.to_thread(fresh_access_token, self._creds)
+        return IdToken.received(token, self.ctx.clock, answer.server_date)
 
 
 class ADCCredential:
@@ -183,10 +194,10 @@ class ADCCredential:
 
     kind = "service_account:adc"
 
-    def __init__(self, profile: str, config: ADCSource, agent: "Agent") -> None:
+    def __init__(self, profile: str, config: ADCSource, ctx: SourceContext) -> None:
         self.profile = profile
         self.config = config
-        self.agent = agent
+        self.ctx = ctx
         self.key = f"adc:{config.credentials_file or 'default'}"
         self._inner = None
 
@@ -201,32 +212,41 @@ class ADCCredential:
     async def _resolve(self):
         path = self.config.credentials_file or adc_file()
         if path is None:
-            return MetadataCredential(self.profile, self.agent)  # on GCP, ADC is the metadata server
-        try:
-            info = await asyncio.to_thread(_read_json, path)
-        except (OSError, ValueError) as exc:
-            raise UpstreamError(f"cannot read credentials file {path}: {exc}") from None
+            return MetadataCredential(self.profile, self.ctx)  # on GCP, ADC is the metadata server
+        info = await self.ctx.google_auth.run(read_credentials_file, path)
         kind = info.get("type")
         if kind == "service_account":
-            return KeyFileCredential(self.profile, path, self.agent)
+            return KeyFileCredential(self.profile, path, self.ctx)
         if kind in ("external_account", "impersonated_service_account"):
             target = _target_of(info.get("service_account_impersonation_url", ""))
             if target is None:
-                raise UpstreamError(f"{path}: an {kind} file must name a service account to impersonate "
+                raise ConfigProblem(f"{path}: an {kind} file must name a service account to impersonate "
                                     "(service_account_impersonation_url) for ID tokens")
-            return IamIdTokenCredential(self.profile, target, [], AccessTokenSource(path, self.agent), self.agent)
+            source_info, delegates = _impersonation_source(info)
+            endpoints, where = self.ctx.endpoints, f"in {path}"
+            caller = AccessTokenSource(f"the source credentials of {path}",
+                                       lambda: credentials_from_info(source_info, endpoints, [CLOUD_PLATFORM], where),
+                                       self.ctx)
+            return IamIdTokenCredential(self.profile, target, delegates, caller, self.ctx)
         if kind == "authorized_user":
-            raise UpstreamError(f"{path} holds a user's gcloud login, which cannot mint ID tokens for IAP: use a "
+            raise ConfigProblem(f"{path} holds a user's gcloud login, which cannot mint ID tokens for IAP: use a "
                                 "[user] profile, or kind = \"impersonate\" with a target service account")
-        raise UpstreamError(f"{path}: unsupported credentials type {kind!r}")
+        raise ConfigProblem(f"{path}: unsupported credentials type {kind!r}")
 
 
-def _read_json(path: str) -> dict[str, Any]:
-    with open(path, encoding="utf-8") as fh:
-        data = json.load(fh)
-    if not isinstance(data, dict):
-        raise ValueError("not a JSON object")
-    return data
+def _impersonation_source(info: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """The credentials an impersonation file acts *as*, and its delegates (emails).
+
+    impersonated_service_account (gcloud --impersonate-service-account): `source_credentials`.
+    external_account (workload identity federation): the same file without the impersonation
+    URL, whose access token is the federated token of the external identity itself."""
+    if info.get("type") == "impersonated_service_account":
+        source = info.get("source_credentials")
+        if not isinstance(source, dict):
+            raise ConfigProblem("an impersonated_service_account file must have source_credentials")
+        delegates = [str(d).rsplit("/", 1)[-1] for d in info.get("delegates") or []]
+        return source, delegates
+    return {k: v for k, v in info.items() if k != "service_account_impersonation_url"}, []
 
 
 def _target_of(url: str) -> str | None:
@@ -235,13 +255,13 @@ def _target_of(url: str) -> str | None:
     return match.group(1) if match else None
 
 
-def build_service_account_source(profile: str, config, agent: "Agent"):
+def build_service_account_source(profile: str, config, ctx: SourceContext):
     if isinstance(config, KeyFileSource):
-        return KeyFileCredential(profile, config.key_file, agent)
+        return KeyFileCredential(profile, config.key_file, ctx)
     if isinstance(config, MetadataSource):
-        return MetadataCredential(profile, agent)
+        return MetadataCredential(profile, ctx)
     if isinstance(config, ImpersonateSource):
         return IamIdTokenCredential(profile, config.target, list(config.delegates),
-                                    AccessTokenSource(config.credentials_file, agent), agent)
+                                    AccessTokenSource.from_file(config.credentials_file, ctx), ctx)
     assert isinstance(config, ADCSource)
-    return ADCCredential(profile, config, agent)
+    return ADCCredential(profile, config, ctx)

@@ -9,29 +9,22 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-import aiohttp
-
-from iapd.clock import Clock
-from iapd.config import Endpoints, UserSource as UserConfig
+from iapd.config import UserSource as UserConfig
 from iapd.errors import IapdError, LoginRequired, UpstreamError
-from iapd.google_http import request_json, revoke
+from iapd.google_http import fetch, json_object, request_json, revoke
 from iapd.jwt import MalformedToken, unverified_claims
 from iapd.secret_manager import read_secret
-from iapd.sources.base import IdToken
+from iapd.sources.base import IdToken, SourceContext
 from iapd.store import CredentialStore
 
 
 class UserCredential:
     kind = "user"
 
-    def __init__(self, config: UserConfig, endpoints: Endpoints, store: CredentialStore,
-                 session: aiohttp.ClientSession, clock: Clock, http_timeout: float) -> None:
+    def __init__(self, config: UserConfig, store: CredentialStore, ctx: SourceContext) -> None:
         self.config = config
-        self.endpoints = endpoints
         self.store = store
-        self.session = session
-        self.clock = clock
-        self.http_timeout = http_timeout
+        self.ctx = ctx
         self.key = f"user:{config.client_id}"
         self._secret_lock = asyncio.Lock()
         self._secret: str | None = None  # read from Secret Manager, before the store has a record
@@ -44,23 +37,25 @@ class UserCredential:
         record = self.store.get(self.key)
         return bool(record and record.get("refresh_token"))
 
-    async def client_secret(self) -> str:
+    async def client_secret(self, fresh: bool = False) -> str:
         """From the config, else from the store, else read once from Secret Manager (one read at
-        a time, whoever asks) and kept in the store beside the refresh token."""
+        a time, whoever asks) and kept in the store beside the refresh token. `fresh` (a new
+        login) reads it again when it names `versions/latest`: the secret may have been rotated."""
         if self.config.client_secret is not None:
             return self.config.client_secret
+        name = self.config.client_secret_name
+        assert name is not None
         async with self._secret_lock:
             record = self.store.get(self.key) or {}
-            if record.get("client_secret") and record.get("client_secret_name") == self.config.client_secret_name:
+            reread = fresh and name.endswith("/versions/latest")
+            if not reread and record.get("client_secret") and record.get("client_secret_name") == name:
                 return record["client_secret"]
-            if self._secret is not None:
+            if not reread and self._secret is not None:
                 return self._secret
-            assert self.config.client_secret_name is not None
-            secret = self._secret = await read_secret(self.config.client_secret_name, self.config.secret_manager_credentials,
-                                       self.endpoints, self.http_timeout)
+            secret = self._secret = await read_secret(name, self.config.secret_manager_credentials,
+                                                      self.ctx.endpoints, self.ctx.http_timeout)
             if record:  # keep it with the refresh token; before a login, the login saves it
-                await self.store.update(self.key, client_secret=secret,
-                                        client_secret_name=self.config.client_secret_name)
+                await self.store.update(self.key, client_secret=secret, client_secret_name=name)
             return secret
 
     async def fetch(self, audience: str | None) -> IdToken:
@@ -71,25 +66,28 @@ class UserCredential:
                 "client_secret": await self.client_secret(), "refresh_token": record["refresh_token"]}
         if audience:
             data["audience"] = audience
+        what = "refreshing the ID token"
         try:
-            body = await request_json(self.session, "POST", self.endpoints.token_url, data=data,
-                                      what="refreshing the ID token")
+            answer = await fetch(self.ctx.session, "POST", self.ctx.endpoints.token_url, data=data, what=what)
         except LoginRequired as exc:
             # The grant is dead: drop it (and never try it again); status still shows who it was.
-            await self.store.update(self.key, refresh_token=None, login_reason=exc.message)
+            # Only if it is still the one refused: a login may have stored a new one meanwhile.
+            if (self.store.get(self.key) or {}).get("refresh_token") == record["refresh_token"]:
+                await self.store.update(self.key, refresh_token=None, login_reason=exc.message)
             raise
+        body = json_object(answer, what)
         if body.get("refresh_token") and body["refresh_token"] != record["refresh_token"]:
             # Rotation (not Google's habit, but OAuth allows it): the old one may be dead now,
             # so the new one must be on disk before we use the token it came with.
             await self.store.update(self.key, refresh_token=body["refresh_token"])
         if not isinstance(body.get("id_token"), str):
             raise UpstreamError("the token endpoint returned no id_token (is `openid` in the login's scope?)")
-        return IdToken.received(body["id_token"], self.clock)
+        return IdToken.received(body["id_token"], self.ctx.clock, answer.server_date)
 
     async def exchange_code(self, code: str, redirect_uri: str, verifier: str) -> str:
         """Finish a login: code → refresh token, saved. Returns the email that logged in."""
         secret = await self.client_secret()
-        body = await request_json(self.session, "POST", self.endpoints.token_url, what="completing the login", data={
+        body = await request_json(self.ctx.session, "POST", self.ctx.endpoints.token_url, what="completing the login", data={
             "grant_type": "authorization_code", "code": code, "redirect_uri": redirect_uri,
             "client_id": self.config.client_id, "client_secret": secret, "code_verifier": verifier})
         if not body.get("refresh_token"):
@@ -107,7 +105,11 @@ class UserCredential:
                                   "client_id": self.config.client_id}
         if self.config.client_secret_name:
             record.update(client_secret=secret, client_secret_name=self.config.client_secret_name)
+        previous = (self.store.get(self.key) or {}).get("refresh_token")
         await self.store.put(self.key, record)
+        if previous and previous != body["refresh_token"]:
+            # prompt=consent mints a new refresh token each login; the old grant must not live on.
+            await self._revoke(previous)
         return email or "(unknown account)"
 
     def _wrong_account(self, claims: dict[str, Any]) -> str | None:
@@ -121,7 +123,7 @@ class UserCredential:
         return None
 
     async def _revoke(self, token: str) -> str | None:
-        return await revoke(self.session, self.endpoints.revoke_url, token)
+        return await revoke(self.ctx.session, self.ctx.endpoints.revoke_url, token)
 
     async def logout(self) -> dict[str, Any]:
         """Revoke at Google (best effort, reported), then wipe the store entry."""
