@@ -28,6 +28,8 @@ environment:
   IAPD_CONFIG      config file (default: $XDG_CONFIG_HOME/iapd/config.toml)
   IAPD_AUTOSTART   0 = never start iapd in the background
   IAPD_AUTO_LOGIN  0 = `iapctl token` never starts a browser login
+  IAPCTL_TIMEOUT   seconds a request to iapd may take in all (default 30)
+  BROWSER          how to open the login page (e.g. 'firefox %s'); else the system's browser
 """
 
 
@@ -125,31 +127,17 @@ def _profile(name: str) -> str:
 # -- login / logout -----------------------------------------------------------------------------
 
 def cmd_login(args: argparse.Namespace) -> int:
-    from iapctl.autologin import open_browser, wait_for_login
+    from iapctl.autologin import Console, can_open_browser, login, not_completed
 
     profile = _profile(args.profile)
-    started = _checked(call("POST", f"/v1/login/{profile}"))
-    url = started["auth_url"]
-    if started.get("joined"):
-        print(f"A login for {profile} is already in progress; joining it. Its URL:\n  {url}", file=sys.stderr)
-    if args.no_browser:
-        print(f"Open this URL in a browser (on any machine):\n\n  {url}\n\n"
-              "After you approve, the browser goes to an http://127.0.0.1:… address that may not load.\n"
-              "Paste that whole address here:", file=sys.stderr)
-        try:
-            pasted = input().strip()
-        except EOFError:
-            pasted = ""
-        if not pasted:
-            raise Failure("no URL was pasted; the login was not completed", LOGIN_REQUIRED)
-        outcome = _checked(call("POST", f"/v1/login/{profile}/complete", json.dumps({"redirect_url": pasted}).encode()))
-    else:
-        if not started.get("joined"):
-            print(f"Opening your browser to log in. If it does not open, visit:\n  {url}", file=sys.stderr)
-            open_browser(started.get("browser_url") or url)
-        outcome = wait_for_login(profile)
+    ui = Console()
+    browser = not args.no_browser and can_open_browser()
+    if not args.no_browser and not browser:
+        ui.say("iapctl: no display here (no $DISPLAY or $WAYLAND_DISPLAY, no $BROWSER): "
+               "open the URL below in a browser on any machine.")
+    outcome = login(profile, ui, browser)
     if outcome.get("state") != "done":
-        raise Failure(f"the login did not complete: {outcome.get('message', outcome.get('state'))}", LOGIN_REQUIRED)
+        raise not_completed(profile, outcome)
     print(f"Logged in as {outcome.get('email')} (profile {profile}).")
     return OK
 

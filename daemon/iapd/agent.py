@@ -124,6 +124,10 @@ class Agent:
         credential = self.user_credential(name)
         return {"profile": name, **await self.logins.wait(credential.key, wait)}
 
+    def login_cancel(self, name: str) -> dict[str, Any]:
+        credential = self.user_credential(name)
+        return {"profile": name, **self.logins.cancel(credential.key)}
+
     async def login_complete(self, name: str, redirect_url: str) -> dict[str, Any]:
         return {"profile": name, **await self.logins.complete(self.user_credential(name), redirect_url)}
 

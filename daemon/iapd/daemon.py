@@ -94,7 +94,10 @@ async def serve(config_path: str, socket_path: str | None, test_clock: bool = Fa
     agent = Agent(config, config_path, store, session, clock, path)
     runner = web.AppRunner(make_app(agent, test_clock), access_log=None, handle_signals=False,
                            keepalive_timeout=15, max_line_size=MAX_HEADER_FIELD, max_field_size=MAX_HEADER_FIELD,
-                           max_headers=64, shutdown_timeout=5.0)
+                           max_headers=64, shutdown_timeout=5.0,
+                           # A client that goes away cancels its request: a login's long-poll
+                           # then tells the login manager that its waiter is gone.
+                           handler_cancellation=True)
     await runner.setup()
     gate = Gate("socket API", unix_peer_uid, config.daemon.header_timeout_seconds, fast_token=agent.cached_token)
     site = GuardedSite(runner, sock, gate)

@@ -40,6 +40,7 @@ log = logging.getLogger("iapd.login")
 CALLBACK_PATH = "/oauth2/callback"
 START_PATH = "/start/"
 LISTENER_MAX_CONNECTIONS = 32  # a browser opens a handful; the rest would be someone's flood
+ABANDON_GRACE_SECONDS = 3.0  # a client between two long-polls is back within milliseconds
 
 
 def _page(title: str, text: str, status: int = 200) -> web.Response:
@@ -61,11 +62,15 @@ class LoginFlow:
     done: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
     runner: web.AppRunner | None = None
     finishing: bool = False
-    browser_started: bool = False
+    browser_started: bool = False  # the one-time start URL was fetched
+    waiters: int = 0  # clients long-polling its outcome right now
+    started_mono: float = field(default_factory=time.monotonic)
 
     def public(self) -> dict[str, Any]:
         return {"state": "pending", "auth_url": self.auth_url, "browser_url": self.browser_url,
-                "redirect_uri": self.redirect_uri, "expires_in": max(0, round(self.deadline - time.time()))}
+                "redirect_uri": self.redirect_uri, "expires_in": max(0, round(self.deadline - time.time())),
+                "browser_opened": self.browser_started, "age": round(time.monotonic() - self.started_mono, 1),
+                "waiters": self.waiters}
 
 
 class LoginManager:
@@ -240,7 +245,8 @@ class LoginManager:
     def _expire(self, flow: LoginFlow) -> None:
         if not flow.done.done():
             log.warning("%s: login timed out after %.0fs", flow.credential.key, self.timeout)
-            self._settle(flow, BadRequest(f"the login was not completed within {self.timeout:.0f}s"))
+            where = "the browser never came back" if flow.browser_started else "no browser ever opened the login page"
+            self._settle(flow, BadRequest(f"the login was not completed within {self.timeout:.0f}s: {where}"))
 
     async def _close(self, flow: LoginFlow) -> None:
         if flow.runner is not None:
@@ -256,12 +262,35 @@ class LoginManager:
         return self.results.get(key, {"state": "none"})
 
     async def wait(self, key: str, timeout: float) -> dict[str, Any]:
+        """Long-poll the outcome. A login belongs to whoever waits for it: when the last waiter
+        goes away mid-wait (Ctrl-C, killed) and nobody comes back within a grace period (a
+        client re-polls at once), the flow is cancelled and its listener closed."""
         flow = self.flows.get(key)
         if flow is not None and not flow.done.done():
+            flow.waiters += 1
             try:
                 await asyncio.wait_for(asyncio.shield(flow.done), timeout)
             except (asyncio.TimeoutError, IapdError):
                 pass
+            except asyncio.CancelledError:
+                if flow.waiters == 1:
+                    asyncio.get_running_loop().call_later(ABANDON_GRACE_SECONDS, self._abandon_if_unwatched, flow)
+                raise
+            finally:
+                flow.waiters -= 1
+        return self.result(key)
+
+    def _abandon_if_unwatched(self, flow: LoginFlow) -> None:
+        if not flow.done.done() and flow.waiters == 0:
+            log.info("%s: login abandoned (nobody waits for it any more)", flow.credential.key)
+            self._settle(flow, BadRequest("the login was abandoned: nobody was waiting for it any more"))
+
+    def cancel(self, key: str) -> dict[str, Any]:
+        """End the flow now (Ctrl-C in the client): the next login starts afresh."""
+        flow = self.flows.get(key)
+        if flow is not None and not flow.done.done():
+            log.info("%s: login cancelled by the client", flow.credential.key)
+            self._settle(flow, BadRequest("the login was cancelled"))
         return self.result(key)
 
     async def close(self) -> None:

@@ -7,6 +7,7 @@
     GET  /v1/status                    daemon and per-profile state, JSON (never a token)
     POST /v1/login/{profile}           start (or join) a browser login → {"auth_url", ...}
     GET  /v1/login/{profile}?wait=S    long-poll the login's outcome
+    DELETE /v1/login/{profile}         cancel the login in progress (Ctrl-C in the client)
     POST /v1/login/{profile}/complete  {"redirect_url": ...}: finish a login without a browser
     POST /v1/logout/{profile}          revoke (best effort), wipe, forget; POST /v1/logout: all
 
@@ -104,6 +105,10 @@ async def login_poll(request: web.Request) -> web.Response:
     return web.json_response(await request.app[AGENT].login_status(request.match_info["profile"], wait))
 
 
+async def login_cancel(request: web.Request) -> web.Response:
+    return web.json_response(request.app[AGENT].login_cancel(request.match_info["profile"]))
+
+
 async def login_complete(request: web.Request) -> web.Response:
     url = (await _json_body(request)).get("redirect_url")
     if not isinstance(url, str) or not url:
@@ -137,6 +142,7 @@ def make_app(agent: Agent, test_clock: bool = False) -> web.Application:
     r.add_get("/v1/status", status)
     r.add_post("/v1/login/{profile}", login_start)
     r.add_get("/v1/login/{profile}", login_poll)
+    r.add_delete("/v1/login/{profile}", login_cancel)
     r.add_post("/v1/login/{profile}/complete", login_complete)
     r.add_post("/v1/logout/{profile}", logout)
     r.add_post("/v1/logout", logout)
