@@ -174,14 +174,33 @@ def test_autostart_reports_a_bad_config(tmp_path):
     failed(iapctl("token", "x", env=env), 5, f"config error: {config}: profiles.x.user.client_id")
 
 
-def test_autostart_stays_away_from_an_installed_systemd_socket(tmp_path):
+def test_autostart_stays_away_from_an_installed_systemd_socket(tmp_path, emulator):
     units = tmp_path / "config" / "systemd" / "user"
     units.mkdir(parents=True)
     (units / "iapd.socket").write_text("[Socket]\n")
-    env = {**os.environ, "IAPD_SOCKET": str(tmp_path / "none.sock"), "XDG_CONFIG_HOME": str(tmp_path / "config"),
-           "XDG_STATE_HOME": str(tmp_path / "state")}
+    runtime = tmp_path / "runtime"
+    (runtime / "systemd").mkdir(parents=True, mode=0o700)
+    env = {**os.environ, "IAPD_SOCKET": str(tmp_path / "run" / "iapd.sock"), "XDG_CONFIG_HOME": str(tmp_path / "config"),
+           "XDG_STATE_HOME": str(tmp_path / "state"), "XDG_RUNTIME_DIR": str(runtime),
+           "IAPD_CONFIG": str(emulator.config_path)}
     env.pop("IAPD_AUTOSTART", None)
-    failed(iapctl("token", "x", env=env), 3, "systemctl --user start iapd.socket")
+    # A user manager is there (its private socket answers): the unit owns the socket.
+    manager = socket.socket(socket.AF_UNIX)
+    manager.bind(str(runtime / "systemd" / "private"))
+    manager.listen(1)
+    try:
+        failed(iapctl("token", "demo-sa", env=env), 3, "systemctl --user restart iapd.socket")
+    finally:
+        manager.close()
+    # No user manager (a container, WSL, SSH without a session): the unit can never start, so
+    # iapctl starts iapd itself rather than send the person to a dead end.
+    try:
+        out = iapctl("token", "demo-sa", env=env)
+        assert out.returncode == 0 and out.stdout.startswith("eyJ"), out.stderr
+    finally:
+        status = iapctl("status", "--json", env={**env, "IAPD_AUTOSTART": "0"})
+        if status.returncode == 0:
+            os.kill(json.loads(status.stdout)["daemon"]["pid"], 15)
 
 
 class TestLoginWhenNeeded:

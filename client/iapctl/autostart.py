@@ -25,12 +25,23 @@ SYSTEMD_SOCKET_UNIT = "iapd.socket"
 LAUNCHD_LABEL = "dev.iapd.agent"
 
 
+def systemd_user_manager_reachable() -> bool:
+    """Is there a systemd user manager to own the socket? Its private socket answers. (Not in
+    containers, WSL, or SSH sessions without a user session: there units cannot start.)"""
+    runtime = os.environ.get("XDG_RUNTIME_DIR", "")
+    if not os.path.isabs(runtime):
+        return False
+    return _answers(os.path.join(runtime, "systemd", "private"))
+
+
 def service_manager_unit() -> str | None:
-    """The installed login service that owns the socket, if any (then we must not start our own)."""
+    """The installed login service that owns the socket, if any (then we must not start our own).
+    A unit installed where no service manager can run it does not count: we autostart instead."""
     config_home = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
     unit = os.path.join(config_home, "systemd", "user", SYSTEMD_SOCKET_UNIT)
-    if sys.platform.startswith("linux") and os.path.exists(unit):
-        return f"the systemd user unit {SYSTEMD_SOCKET_UNIT} is installed: run `systemctl --user start {SYSTEMD_SOCKET_UNIT}`"
+    if sys.platform.startswith("linux") and os.path.exists(unit) and systemd_user_manager_reachable():
+        return (f"the systemd user unit {SYSTEMD_SOCKET_UNIT} is installed but not listening: run `systemctl --user "
+                f"restart {SYSTEMD_SOCKET_UNIT}` (see `systemctl --user status iapd`), or `iapctl service uninstall`")
     plist = os.path.join(os.path.expanduser("~"), "Library", "LaunchAgents", f"{LAUNCHD_LABEL}.plist")
     if sys.platform == "darwin" and os.path.exists(plist):
         return f"the launchd agent {LAUNCHD_LABEL} is installed: run `launchctl kickstart gui/{os.getuid()}/{LAUNCHD_LABEL}`"

@@ -92,12 +92,16 @@ def error_of(resp: wire.Response) -> dict:
 
 
 def run(profile: str, adhoc: bytes | None = None) -> int:
-    """Print a token for `profile` (or for the ad-hoc profile defined by `adhoc`)."""
-    if adhoc is None and not valid_profile(profile):
+    """Print a token for `profile`; with `adhoc`, the profile's definition (JSON, with its
+    `name`), registered with the daemon if it does not know the profile yet."""
+    if not valid_profile(profile):
         return fail(f"invalid profile name {profile!r}", USAGE)
-    method, target = ("POST", "/v1/adhoc/token") if adhoc is not None else ("GET", "/v1/token/" + profile)
+    method, target = "GET", "/v1/token/" + profile
     try:
-        resp = call(method, target, adhoc)
+        resp = call(method, target)
+        if adhoc is not None and resp.status == 404:
+            method, target = "POST", "/v1/adhoc/token"
+            resp = call(method, target, adhoc)
         if resp.status != 200:
             error = error_of(resp)
             if error.get("error") == "login_required":
@@ -105,7 +109,7 @@ def run(profile: str, adhoc: bytes | None = None) -> int:
 
                 # Returns only if a login just completed; else raises Failure.
                 login_when_needed(error.get("profile") or profile, error)
-                resp = call(method, target, adhoc)
+                resp = call(method, target, adhoc if method == "POST" else None)
                 if resp.status != 200:
                     error = error_of(resp)
             if resp.status != 200:
@@ -133,10 +137,85 @@ def _failure_of(profile: str, error: dict) -> Failure:
     return Failure(message or f"iapd answered {code}", EXIT_CODE_OF_ERROR.get(code, ERROR))
 
 
+# -- flyte-iap's subcommands, on the same fast path ------------------------------------------------
+
+DROP_IN_FLAGS = {
+    "generate-user-id-token": ({"desktop_client_id", "desktop_client_secret_gcp_secret_name", "webapp_client_id",
+                                "project"}, set()),
+    "generate-service-account-id-token": ({"webapp_client_id"}, {"service_account_key"}),
+}
+
+
+def _flags(args: list[str], required: set, optional: set) -> dict | None:
+    """`--name value` / `--name=value` pairs, or None for anything else (argparse then answers,
+    with its usage messages): no argparse and no json on the path flytekit calls."""
+    flags: dict = {}
+    i = 0
+    while i < len(args):
+        name, eq, value = args[i].partition("=")
+        if not name.startswith("--") or name[2:] not in required | optional or name[2:] in flags:
+            return None
+        if not eq:
+            if i + 1 >= len(args):
+                return None
+            value, i = args[i + 1], i + 1
+        if not value or any(c in value for c in '"\\') or not value.isprintable():
+            return None  # would need JSON escaping: the slow path does that
+        flags[name[2:]] = value
+        i += 1
+    return flags if required <= flags.keys() else None
+
+
+def _fnv(text: str) -> str:
+    h = 0xCBF29CE484222325
+    for byte in text.encode():
+        h = ((h ^ byte) * 0x100000001B3) & 0xFFFFFFFFFFFFFFFF
+    return f"{h:016x}"
+
+
+def drop_in(command: str, args: list[str]) -> int | None:
+    """flyte-iap's subcommand as an ad-hoc profile named by its definition: a GET of its token
+    (the daemon's fast path once it is cached), registered with a POST only the first time.
+    None: not a plain call (argparse takes it)."""
+    import os
+
+    flags = _flags(args, *DROP_IN_FLAGS[command])
+    if flags is None:
+        return None
+    audience = flags["webapp_client_id"]
+    if command == "generate-user-id-token":
+        secret = flags["desktop_client_secret_gcp_secret_name"]
+        if not secret.startswith("projects/"):
+            secret = f"projects/{flags['project']}/secrets/{secret}/versions/latest"
+        source = f'"user":{{"client_id":"{flags["desktop_client_id"]}","client_secret_name":"{secret}"}}'
+    else:
+        # flyte-iap's order: --service_account_key, else $GOOGLE_APPLICATION_CREDENTIALS (which
+        # may also be a workload identity federation file), else the metadata server.
+        key = flags.get("service_account_key") or os.environ.get("GOOGLE_APPLICATION_CREDENTIALS")
+        if key and not os.path.isfile(key):
+            return fail(f"credentials file {key} does not exist", BAD_PROFILE)
+        key = os.path.abspath(key) if key else None
+        if key and (any(c in key for c in '"\\') or not key.isprintable()):
+            return None
+        if flags.get("service_account_key"):
+            source = f'"service_account":{{"kind":"key_file","key_file":"{key}"}}'
+        elif key:
+            source = f'"service_account":{{"kind":"adc","credentials_file":"{key}"}}'
+        else:
+            source = '"service_account":{"kind":"metadata"}'
+    definition = f'"audience":"{audience}",{source}'
+    name = "adhoc-" + _fnv(definition)
+    return run(name, adhoc=f'{{"name":"{name}",{definition}}}'.encode())
+
+
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if len(args) == 2 and args[0] == "token" and not args[1].startswith("-"):
         return run(args[1])
+    if args and args[0] in DROP_IN_FLAGS:
+        code = drop_in(args[0], args[1:])
+        if code is not None:
+            return code
     from iapctl.commands import dispatch
 
     return dispatch(args)

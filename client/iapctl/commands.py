@@ -68,6 +68,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_status)
 
+    p = sub.add_parser("reload", help="make iapd re-read its config now",
+                       description="Re-read the config file. iapd also notices changes by itself (on its next "
+                                   "tick, or at once when asked for a profile it does not know). Profiles that did "
+                                   "not change keep their tokens and logins; a broken config is refused and the old "
+                                   "one keeps serving.")
+    p.set_defaults(func=cmd_reload)
+
+    p = sub.add_parser("stop", help="stop iapd",
+                       description="Stop the daemon: through systemd or launchd when they run it (a socket-activated "
+                                   "iapd starts again on the next request), else by asking it over its socket.")
+    p.set_defaults(func=cmd_stop)
+
+    p = sub.add_parser("restart", help="restart iapd (logins are kept: they are on disk)",
+                       description="Stop the daemon and start it again (through systemd or launchd when they run it).")
+    p.set_defaults(func=cmd_restart)
+
     p = sub.add_parser("service", help="install the login service (systemd user units or a launchd agent)",
                        description="Install, remove or inspect the service that starts iapd at login.")
     p.add_argument("action", choices=["install", "uninstall", "status"])
@@ -105,6 +121,11 @@ def dispatch(argv: list[str]) -> int:
         return fail(exc.message, exc.code)
     except KeyboardInterrupt:
         return fail("interrupted", ERROR)
+    except BrokenPipeError:
+        # `iapctl status | head -1`: the reader is gone, which is its right. No traceback, and
+        # none at exit either (Python flushes stdout then): point it at /dev/null.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return OK
 
 
 def _checked(resp) -> dict:
@@ -189,11 +210,14 @@ def cmd_status(args: argparse.Namespace) -> int:
             print(f"iapd is not running (socket {path}). Start it with `iapd serve` or `iapctl service install`.")
         return UNREACHABLE
     if args.json:
-        print(json.dumps({"running": True, **status}, indent=2))
+        print(json.dumps({"running": True, "socket": status["daemon"]["socket"], **status}, indent=2))
         return OK
     d = status["daemon"]
-    print(f"iapd {d['version']} (pid {d['pid']}, up {_duration(d['uptime'])}) on {d['socket']}")
+    managed = f", run by {d['service']}" if d.get("service") else ""
+    print(f"iapd {d['version']} (pid {d['pid']}, up {_duration(d['uptime'])}{managed}) on {d['socket']}")
     print(f"config {d['config']}; store {d['store']}")
+    if d.get("config_error"):
+        print(f"note: the config was changed but cannot be used, the previous one serves: {d['config_error']}")
     for path in d.get("unreadable_stores") or []:
         print(f"note: {path} was unreadable and moved aside; its logins may still be live: "
               "`iapctl logout --all` revokes and removes it")
@@ -212,6 +236,82 @@ def cmd_status(args: argparse.Namespace) -> int:
     return OK
 
 
+# -- reload / stop / restart --------------------------------------------------------------------
+
+def cmd_reload(args: argparse.Namespace) -> int:
+    result = _checked(call("POST", "/v1/reload", autostart=False))
+    if not result.get("reloaded"):
+        raise Failure(f"{result.get('error')} (the previous config keeps serving)", BAD_PROFILE)
+    print(f"Reloaded the config: {len(result['profiles'])} profile(s).")
+    return OK
+
+
+def _running() -> dict | None:
+    try:
+        return _checked(call("GET", "/v1/status", autostart=False, timeout=5))["daemon"]
+    except Failure as exc:
+        if exc.code == UNREACHABLE:
+            return None
+        raise
+
+
+def _service_command(service: str, action: str) -> list[str]:
+    if service == "systemd":
+        return ["systemctl", "--user", action, "iapd.service"]
+    label = f"gui/{os.getuid()}/dev.iapd.agent"
+    return ["launchctl", "kickstart", "-k", label] if action == "restart" else ["launchctl", "kill", "SIGTERM", label]
+
+
+def _stop(daemon: dict) -> None:
+    """Stop the daemon described by `daemon` (from status) and wait until it is gone."""
+    import subprocess
+    import time
+
+    if daemon.get("service"):
+        command = _service_command(daemon["service"], "stop")
+        if subprocess.run(command).returncode != 0:
+            raise Failure(f"`{' '.join(command)}` failed", ERROR)
+    else:
+        _checked(call("POST", "/v1/stop", autostart=False, timeout=5))
+    deadline = time.monotonic() + 15
+    while _running() is not None:
+        if time.monotonic() > deadline:
+            raise Failure(f"iapd (pid {daemon['pid']}) did not stop within 15s", ERROR)
+        time.sleep(0.05)
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    daemon = _running()
+    if daemon is None:
+        print(f"iapd is not running (socket {paths.socket_path()}).")
+        return OK
+    _stop(daemon)
+    again = " (its socket unit starts it again on the next request)" if daemon.get("service") == "systemd" else ""
+    print(f"Stopped iapd (pid {daemon['pid']}){again}.")
+    return OK
+
+
+def cmd_restart(args: argparse.Namespace) -> int:
+    import subprocess
+
+    daemon = _running()
+    if daemon is not None and daemon.get("service"):
+        command = _service_command(daemon["service"], "restart")
+        if subprocess.run(command).returncode != 0:
+            raise Failure(f"`{' '.join(command)}` failed", ERROR)
+    else:
+        if daemon is not None:
+            _stop(daemon)
+        from iapctl.autostart import ensure_daemon
+
+        ensure_daemon(paths.socket_path(), "restarting")
+    now = _running()
+    if now is None:
+        raise Failure("iapd did not come back", UNREACHABLE)
+    print(f"Restarted iapd (pid {now['pid']}).")
+    return OK
+
+
 # -- service ------------------------------------------------------------------------------------
 
 def cmd_service(args: argparse.Namespace) -> int:
@@ -222,12 +322,21 @@ def cmd_service(args: argparse.Namespace) -> int:
 
 # -- flyte-iap drop-in --------------------------------------------------------------------------
 
+def _adhoc(definition: dict) -> int:
+    """The slow path of the drop-ins (values that need JSON escaping, odd flag spellings): the
+    same ad-hoc profile, named the way the fast path names it (iapctl.cli.drop_in)."""
+    from iapctl.cli import _fnv
+
+    body = json.dumps(definition, separators=(",", ":"))[1:-1]
+    name = "adhoc-" + _fnv(body)
+    return run(name, adhoc=json.dumps({"name": name, **definition}).encode())
+
+
 def cmd_flyte_user(args: argparse.Namespace) -> int:
     secret = args.desktop_client_secret_gcp_secret_name
     name = secret if secret.startswith("projects/") else f"projects/{args.project}/secrets/{secret}/versions/latest"
-    profile = {"audience": args.webapp_client_id,
-               "user": {"client_id": args.desktop_client_id, "client_secret_name": name}}
-    return run("flyte-iap", adhoc=json.dumps(profile).encode())
+    return _adhoc({"audience": args.webapp_client_id,
+                   "user": {"client_id": args.desktop_client_id, "client_secret_name": name}})
 
 
 def cmd_flyte_service_account(args: argparse.Namespace) -> int:
@@ -242,5 +351,4 @@ def cmd_flyte_service_account(args: argparse.Namespace) -> int:
         source = {"kind": "adc", "credentials_file": os.path.abspath(key)}
     else:
         source = {"kind": "metadata"}
-    profile = {"audience": args.webapp_client_id, "service_account": source}
-    return run("flyte-iap", adhoc=json.dumps(profile).encode())
+    return _adhoc({"audience": args.webapp_client_id, "service_account": source})

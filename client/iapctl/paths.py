@@ -1,7 +1,8 @@
 """Where the config, the socket and the state live: one answer for the daemon and the client.
 
 Standard library only (the client imports it on its hot path). Both commands honour
-``IAPD_CONFIG`` and ``IAPD_SOCKET``; everything else follows the XDG base directory spec.
+``IAPD_CONFIG`` and ``IAPD_SOCKET`` (and the config's ``[daemon] socket``, with the same
+precedence); everything else follows the XDG base directory spec.
 """
 
 import os
@@ -26,7 +27,33 @@ def state_dir() -> str:
 
 
 def socket_path() -> str:
-    """``$IAPD_SOCKET``, else ``$XDG_RUNTIME_DIR/iapd/iapd.sock``.
+    """Where iapd listens, the same answer for every command: ``$IAPD_SOCKET``, else the config's
+    ``[daemon] socket``, else the default (`default_socket_path`). (`iapd serve --socket` comes
+    first for the daemon itself.)"""
+    return os.environ.get("IAPD_SOCKET") or configured_socket() or default_socket_path()
+
+
+def configured_socket() -> str | None:
+    """``[daemon] socket`` from the config file. On `iapctl token`'s hot path: the file is only
+    parsed when it mentions a socket at all (tomllib costs more than the rest of the call)."""
+    try:
+        with open(config_path(), "rb") as fh:
+            data = fh.read()
+    except OSError:
+        return None
+    if b"socket" not in data:
+        return None
+    import tomllib
+
+    try:
+        value = tomllib.loads(data.decode("utf-8")).get("daemon", {}).get("socket")
+    except (ValueError, UnicodeDecodeError, AttributeError):
+        return None  # a broken config: the daemon says what is wrong with it
+    return os.path.expanduser(value) if isinstance(value, str) and value else None
+
+
+def default_socket_path() -> str:
+    """``$XDG_RUNTIME_DIR/iapd/iapd.sock``.
 
     Without a runtime dir (macOS, SSH sessions without pam_systemd, containers, `su`) the socket
     must go somewhere no other local user can claim first: a name in a shared ``/tmp`` can be
@@ -35,9 +62,6 @@ def socket_path() -> str:
     every user one), else our state directory, in a folder named after this host (a home
     directory on NFS is shared by machines, and a socket belongs to one kernel).
     """
-    explicit = os.environ.get("IAPD_SOCKET")
-    if explicit:
-        return explicit
     runtime = os.environ.get("XDG_RUNTIME_DIR", "")
     if os.path.isabs(runtime) and os.path.isdir(runtime):
         return os.path.join(runtime, APP, "iapd.sock")

@@ -64,6 +64,16 @@ def systemd_quote(value: str) -> str:
     return '"' + systemd_specifiers(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
+def systemd_listen_path() -> str:
+    """Where the socket unit listens: where iapctl looks (paths.socket_path). The default
+    runtime location is written as systemd's own `%t`, anything else literally."""
+    chosen = paths.socket_path()
+    runtime = os.environ.get("XDG_RUNTIME_DIR", "")
+    if runtime and chosen == os.path.join(runtime, "iapd", "iapd.sock"):
+        return "%t/iapd/iapd.sock"
+    return systemd_specifiers(chosen)
+
+
 def _systemd_dir() -> Path:
     base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
     return Path(base) / "systemd" / "user"
@@ -76,7 +86,7 @@ def systemd_plan(action: str) -> Plan:
         # The config location is baked in if the user has moved it; the socket is systemd's (%t).
         env_lines = [f"Environment={systemd_quote(f'{k}={os.environ[k]}')}" for k in ("IAPD_CONFIG",) if os.environ.get(k)]
         values = {"IAPD": systemd_specifiers(iapd_executable()), "STATE_DIR": systemd_specifiers(paths.state_dir()),
-                  "ENVIRONMENT": "\n".join(env_lines)}
+                  "ENVIRONMENT": "\n".join(env_lines), "LISTEN": systemd_listen_path()}
         files = {socket_unit: render("iapd.socket", values), service_unit: render("iapd.service", values)}
         return Plan(files, [["systemctl", "--user", "daemon-reload"],
                             ["systemctl", "--user", "enable", "--now", "iapd.socket"]], [])
@@ -121,6 +131,54 @@ def _stop_unmanaged_daemon() -> None:
         print(f"stopped the iapd started earlier by iapctl (pid {pid}); the service takes over")
 
 
+def preflight(platform: str = sys.platform) -> None:
+    """Check that the service manager can take the units, before anything is touched: without a
+    systemd user manager (containers, WSL, some SSH sessions) `enable` fails half-way, and units
+    that can never start would be left behind."""
+    if platform.startswith("linux"):
+        command = ["systemctl", "--user", "show-environment"]
+    elif platform == "darwin":
+        command = ["launchctl", "print", f"gui/{os.getuid()}"]
+    else:
+        return
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=15)
+    except FileNotFoundError:
+        raise Failure(f"`{command[0]}` is not available here, so no login service can be installed; iapctl starts "
+                      "iapd by itself when needed (autostart)", ERROR) from None
+    except subprocess.TimeoutExpired:
+        raise Failure(f"`{shlex.join(command)}` did not answer; nothing was installed", ERROR) from None
+    if done.returncode != 0:
+        why = (done.stderr.strip().splitlines() or ["exit status %d" % done.returncode])[0]
+        raise Failure(f"the service manager is not reachable (`{shlex.join(command)}`: {why}); nothing was installed. "
+                      "iapctl starts iapd by itself when needed (autostart), which needs no service", ERROR)
+
+
+def _install(plan: Plan) -> None:
+    """Write the files and run the commands; if any step fails, put back what was there."""
+    before = {path: path.read_text() if path.exists() else None for path in plan.files}
+    try:
+        for path, text in plan.files.items():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
+            print(f"wrote {path}")
+        for command in plan.commands:
+            print("running: " + shlex.join(command))
+            done = subprocess.run(command)
+            if done.returncode != 0:
+                raise Failure(f"`{shlex.join(command)}` failed (exit status {done.returncode}); "
+                              "the previous state was restored", ERROR)
+    except BaseException:
+        for path, text in before.items():
+            if text is None:
+                path.unlink(missing_ok=True)
+            else:
+                path.write_text(text)
+        if sys.platform.startswith("linux"):
+            subprocess.run(["systemctl", "--user", "daemon-reload"], capture_output=True)
+        raise
+
+
 def run_service(action: str, dry_run: bool) -> int:
     plan = plan_for(action)
     if dry_run:
@@ -135,9 +193,12 @@ def run_service(action: str, dry_run: bool) -> int:
         for path in plan_for("uninstall").remove:
             print(f"{path}: {'installed' if path.exists() else 'not installed'}")
     if action == "install":
+        preflight()
         _stop_unmanaged_daemon()
         # The sandbox makes the home read-only but for this directory, which must exist.
         os.makedirs(paths.state_dir(), mode=0o700, exist_ok=True)
+        _install(plan)
+        return OK
     for path, text in plan.files.items():
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)

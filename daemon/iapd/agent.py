@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from pydantic import ValidationError
 from iapd import __version__
 from iapd.cache import TokenCache
 from iapd.clock import Clock
-from iapd.config import Config, Profile
+from iapd.config import Config, ConfigError, Profile, config_stamp, load_config
 from iapd.errors import BadRequest, LoginRequired, UnknownProfile
 from iapd.google_http import revoke
 from iapd.login import LoginManager
@@ -32,6 +33,7 @@ from iapd.sources.user import UserCredential
 from iapd.store import CredentialStore
 
 log = logging.getLogger("iapd.agent")
+ADHOC_NAME = re.compile(r"adhoc-[0-9a-f]{16}")
 
 
 class Agent:
@@ -53,6 +55,66 @@ class Agent:
         self.adhoc: set[str] = set()
         for name, profile in config.profiles.items():
             self._add_profile(name, profile)
+        self.service: str | None = None  # "systemd" | "launchd" when a service manager runs us
+        self.config_stamp = config_stamp(config_path)
+        self.config_error: str | None = None  # a reload that was refused: the old config serves
+        self._reload_lock = asyncio.Lock()
+        self.cache.on_tick = self.check_config_soon
+
+    # -- config reload ----------------------------------------------------------------------
+
+    def check_config_soon(self) -> None:
+        """From the supervisor's tick: reload if the file changed (the check runs in a thread)."""
+        if not self._reload_lock.locked():
+            task = asyncio.create_task(self.reload_if_changed())
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())
+
+    async def reload_if_changed(self) -> None:
+        if await asyncio.to_thread(config_stamp, self.config_path) != self.config_stamp:
+            await self.reload("the config file changed")
+
+    async def reload(self, why: str) -> dict[str, Any]:
+        """Re-read the config. Profiles that did not change keep their sources, tokens and logins;
+        a config that does not parse is refused — the old one keeps serving, the error shows in
+        status and the log. [daemon] socket and state_dir take effect at the next start."""
+        async with self._reload_lock:
+            stamp = await asyncio.to_thread(config_stamp, self.config_path)
+            try:
+                new = await asyncio.to_thread(load_config, self.config_path)
+            except ConfigError as exc:
+                self.config_stamp = stamp  # said once, until the file changes again
+                self.config_error = str(exc)
+                log.error("reload refused (%s), the previous config keeps serving: %s", why, exc)
+                return {"reloaded": False, "error": self.config_error}
+            self.config_stamp, self.config_error = stamp, None
+            self._apply(new)
+            log.info("reloaded the config (%s): %d profiles", why, len(new.profiles))
+            return {"reloaded": True, "profiles": sorted(new.profiles)}
+
+    def _apply(self, new: Config) -> None:
+        old = self.config
+        self.config = new
+        if new.endpoints != old.endpoints or new.daemon.http_timeout_seconds != old.daemon.http_timeout_seconds:
+            # Every source talks to other endpoints now: none is kept.
+            self.source_context = SourceContext(self.session, self.clock, new.endpoints,
+                                                new.daemon.http_timeout_seconds,
+                                                GoogleAuth(new.daemon.http_timeout_seconds))
+            kept: dict[str, Profile] = {}
+        else:
+            kept = {name: p for name, p in self.profiles.items() if new.profiles.get(name) == p}
+        self.cache.settings = new.daemon
+        self.logins.auth_endpoint, self.logins.timeout = new.endpoints.auth_url, new.daemon.login_timeout_seconds
+        adhoc = {name: self.profiles[name] for name in self.adhoc if name in self.profiles}
+        previous_sources = self.sources
+        self.profiles, self.sources = {}, {}
+        for name, profile in new.profiles.items():
+            if name in kept:
+                self.profiles[name], self.sources[name] = profile, previous_sources[name]
+        for name, profile in {**new.profiles, **adhoc}.items():
+            if name not in self.profiles:
+                self._add_profile(name, profile)
+        for key in {s.key for s in previous_sources.values()} - {s.key for s in self.sources.values()}:
+            self.cache.drop(key)  # nobody uses that credential any more
 
     def _add_profile(self, name: str, profile: Profile) -> None:
         """One source object per credential: profiles on the same desktop client share it."""
@@ -62,16 +124,25 @@ class Agent:
         self.sources[name] = shared or source
 
     def add_adhoc_profile(self, definition: dict[str, Any]) -> str:
-        """Register a profile given by a client (flyte-iap's flags), named by its content, so the
-        same flags always land on the same profile, cache entry and login."""
+        """Register a profile given by a client (flyte-iap's flags). The client names it by its
+        definition (so the same flags land on the same profile, cache entry and login, and its
+        next call is a plain GET on the fast path); a name already taken by another definition is
+        refused. Without a name, one is derived here."""
+        definition = dict(definition)
+        name = definition.pop("name", None)
         try:
             profile = Profile.model_validate(definition)
         except ValidationError as exc:
             err = exc.errors()[0]
             where = ".".join(str(p) for p in err["loc"]) or "profile"
             raise BadRequest(f"invalid ad-hoc profile: {where}: {err['msg']}") from None
-        canonical = json.dumps(profile.model_dump(mode="json"), sort_keys=True)
-        name = "adhoc-" + hashlib.sha256(canonical.encode()).hexdigest()[:10]
+        if name is None:
+            canonical = json.dumps(profile.model_dump(mode="json"), sort_keys=True)
+            name = "adhoc-" + hashlib.sha256(canonical.encode()).hexdigest()[:16]
+        if not isinstance(name, str) or not ADHOC_NAME.fullmatch(name):
+            raise BadRequest("an ad-hoc profile's name must be adhoc- and 16 hex digits")
+        if name in self.profiles and self.profiles[name] != profile:
+            raise BadRequest(f"the ad-hoc profile {name} exists with another definition")
         if name not in self.profiles:
             self._add_profile(name, profile)
             self.adhoc.add(name)
@@ -87,8 +158,12 @@ class Agent:
     def profile(self, name: str) -> tuple[Profile, TokenSource]:
         profile = self.profiles.get(name)
         if profile is None:
+            if self.config_stamp is None:
+                raise UnknownProfile(f"no profile named {name!r}: the config file {self.config_path} does not exist "
+                                     "(see `iapctl --help` and the README's Configuration)")
             known = ", ".join(sorted(self.config.profiles)) or "none"
-            raise UnknownProfile(f"no profile named {name!r} in {self.config_path} (profiles: {known})")
+            broken = f"; the file has an error: {self.config_error}" if self.config_error else ""
+            raise UnknownProfile(f"no profile named {name!r} in {self.config_path} (profiles: {known}){broken}")
         return profile, self.sources[name]
 
     def user_credential(self, name: str) -> UserCredential:
@@ -106,6 +181,8 @@ class Agent:
         return token.value if token is not None else None
 
     async def token(self, name: str) -> str:
+        if name not in self.profiles:
+            await self.reload_if_changed()  # a profile just added to the file is served at once
         profile, source = self.profile(name)
         try:
             return (await self.cache.get(source, profile.audience)).value
@@ -180,6 +257,7 @@ class Agent:
                 "version": __version__, "pid": os.getpid(), "uptime": round(self.clock.mono() - self.started_mono),
                 "socket": self.socket_path, "config": self.config_path, "store": str(self.store.path),
                 "unreadable_stores": [str(p) for p in self.store.unreadable],
+                "config_error": self.config_error, "service": self.service,
             },
             "profiles": [self._profile_status(name) for name in sorted(self.profiles)],
         }

@@ -24,6 +24,7 @@ import asyncio
 import logging
 import random
 from dataclasses import dataclass
+from typing import Callable
 
 from iapd.clock import Clock
 from iapd.config import DaemonSettings
@@ -75,6 +76,7 @@ class TokenCache:
         self._wake = asyncio.Event()
         self._supervisor: asyncio.Task | None = None
         self._slots = asyncio.Semaphore(settings.max_concurrent_refreshes)
+        self.on_tick: Callable[[], None] | None = None  # the agent's config check, each wake-up
 
     # -- the request path -------------------------------------------------------------------
 
@@ -227,7 +229,8 @@ class TokenCache:
             try:
                 await asyncio.wait_for(self._wake.wait(), timeout=max(sleep, 0.05))
             except asyncio.TimeoutError:
-                pass
+                if self.on_tick is not None:
+                    self.on_tick()
 
     def start(self) -> None:
         self._supervisor = asyncio.create_task(self.run(), name="iapd-renewal")
@@ -253,6 +256,14 @@ class TokenCache:
         await asyncio.gather(*tasks, return_exceptions=True)
 
     # -- login and logout -------------------------------------------------------------------
+
+    def drop(self, credential_key: str) -> None:
+        """A credential no profile uses any more (a reload removed it): its entries go."""
+        for key, entry in list(self.entries.items()):
+            if entry.source.key == credential_key:
+                if entry.task is not None:
+                    entry.task.cancel()
+                del self.entries[key]
 
     def forget(self, credential_key: str) -> None:
         """After a login or a logout: drop tokens and errors, so the next request starts fresh."""

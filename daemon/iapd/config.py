@@ -15,9 +15,24 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, ValidationError, model_validator
 
 SECRET_VERSION_RE = re.compile(r"^projects/[^/]+/secrets/[^/]+/versions/[^/]+$")
+EMAIL_RE = re.compile(r"^[^@\s/]+@[^@\s/]+$")
+
+
+def _matching(regex: re.Pattern, expected: str):
+    """A string that must match `regex`; the error says what was expected, in words, not the regex."""
+    def check(value: str) -> str:
+        if not regex.match(value):
+            raise ValueError(f"expected {expected}, not {value!r}")
+        return value
+    return AfterValidator(check)
+
+
+SecretVersion = Annotated[str, _matching(SECRET_VERSION_RE, "projects/PROJECT/secrets/SECRET/versions/VERSION")]
+Email = Annotated[str, _matching(EMAIL_RE, "an email address such as name@example.com")]
+ServiceAccountEmail = Annotated[str, _matching(EMAIL_RE, "a service account's email, NAME@PROJECT.iam.gserviceaccount.com")]
 
 
 class ConfigError(Exception):
@@ -47,11 +62,11 @@ class UserSource(_Strict):
     client_secret: str | None = Field(default=None, min_length=1)
     # `projects/P/secrets/S/versions/V`: read once with `secret_manager_credentials`
     # (default: application-default credentials), then kept in the credential store.
-    client_secret_name: str | None = Field(default=None, pattern=SECRET_VERSION_RE.pattern)
+    client_secret_name: SecretVersion | None = None
     secret_manager_credentials: str | None = None
     # Pin the Google account this profile logs in as: sent as `login_hint`, and a login as
     # anyone else is refused. `hosted_domain` does the same for a Workspace domain (`hd`).
-    account: str | None = Field(default=None, pattern=r"^[^@\s]+@[^@\s]+$")
+    account: Email | None = None
     hosted_domain: str | None = Field(default=None, min_length=1)
 
     @model_validator(mode="after")
@@ -84,8 +99,8 @@ class ImpersonateSource(_Strict):
     metadata server), through an optional chain of delegates."""
 
     kind: Literal["impersonate"]
-    target: str = Field(min_length=3, pattern=r"^[^@/\s]+@[^@/\s]+$")
-    delegates: list[Annotated[str, Field(pattern=r"^[^@/\s]+@[^@/\s]+$")]] = []
+    target: ServiceAccountEmail
+    delegates: list[ServiceAccountEmail] = []
     credentials_file: str | None = None
 
 
@@ -142,9 +157,9 @@ class ClientSettings(_Strict):
     IAPD_AUTO_LOGIN=0), which win."""
 
     # Start `iapd serve` in the background when nothing answers and no service manager owns it.
-    autostart: bool = True
+    autostart: StrictBool = True
     # Let `iapctl token` open a browser when login is required (only where a person can see it).
-    auto_login: bool = True
+    auto_login: StrictBool = True
 
 
 class Config(_Strict):
@@ -171,6 +186,8 @@ def _describe(err: dict) -> str:
         return "unknown key"
     if kind == "missing":
         return "required key is missing"
+    if kind == "bool_type":
+        return "expected true or false (unquoted)"
     msg = err.get("msg", "invalid value")
     return msg.removeprefix("Value error, ")
 
@@ -200,3 +217,13 @@ def load_config(path: str | os.PathLike[str]) -> Config:
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"config error: {p}: cannot read: {exc}") from None
     return parse_config(text, str(p))
+
+
+def config_stamp(path: str | os.PathLike[str]) -> tuple | None:
+    """What changes when the file does (None: no file): checked, not watched — on a request for
+    an unknown profile and on the renewal supervisor's tick, so no loop of its own."""
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None
+    return info.st_ino, info.st_size, info.st_mtime_ns

@@ -50,6 +50,10 @@ def setup_logging(level: str) -> None:
     logging.getLogger("aiohttp.server").addFilter(MalformedRequestFilter())
 
 
+def expand(path: str | None) -> str | None:
+    return os.path.expanduser(path) if path else None
+
+
 def raise_fd_limit() -> None:
     """Soft RLIMIT_NOFILE up to the hard limit (systemd and most shells start us at 1024): the
     daemon's descriptors are its capacity to answer, and other local users can open connections
@@ -66,7 +70,7 @@ def raise_fd_limit() -> None:
 
 
 async def serve(config_path: str, socket_path: str | None, test_clock: bool = False) -> int:
-    from iapctl.paths import socket_path as default_socket_path
+    from iapctl.paths import default_socket_path
 
     raise_fd_limit()
     try:
@@ -78,9 +82,10 @@ async def serve(config_path: str, socket_path: str | None, test_clock: bool = Fa
     if sock is not None:
         path, inode = sock.getsockname(), None  # systemd's socket: systemd removes it, not us
     else:
-        chosen = socket_path or os.environ.get("IAPD_SOCKET") or config.daemon.socket
-        path = chosen or default_socket_path()
-        sock = bind_socket(path, own_dir=not chosen)
+        # The client's precedence (iapctl.paths.socket_path), with --socket first.
+        default = default_socket_path()
+        path = socket_path or os.environ.get("IAPD_SOCKET") or expand(config.daemon.socket) or default
+        sock = bind_socket(path, own_dir=path == default)
         inode = os.lstat(path).st_ino
     try:
         store = await CredentialStore.open(default_state_dir(config))
@@ -92,7 +97,10 @@ async def serve(config_path: str, socket_path: str | None, test_clock: bool = Fa
     session = new_session(config.daemon.http_timeout_seconds)
     clock = Clock()
     agent = Agent(config, config_path, store, session, clock, path)
-    runner = web.AppRunner(make_app(agent, test_clock), access_log=None, handle_signals=False,
+    # Who manages us: `iapctl stop|restart` go through the service manager when there is one.
+    agent.service = "systemd" if inode is None else ("launchd" if os.environ.get("XPC_SERVICE_NAME") else None)
+    stop = asyncio.Event()
+    runner = web.AppRunner(make_app(agent, test_clock, stop.set), access_log=None, handle_signals=False,
                            keepalive_timeout=15, max_line_size=MAX_HEADER_FIELD, max_field_size=MAX_HEADER_FIELD,
                            max_headers=64, shutdown_timeout=5.0,
                            # A client that goes away cancels its request: a login's long-poll
@@ -103,10 +111,17 @@ async def serve(config_path: str, socket_path: str | None, test_clock: bool = Fa
     site = GuardedSite(runner, sock, gate)
     await site.start()
     agent.cache.start()
-    stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    reloads: set[asyncio.Task] = set()
+
+    def reload_on_hup() -> None:  # `systemctl --user reload iapd`, `iapctl reload`, kill -HUP
+        task = asyncio.create_task(agent.reload("SIGHUP"))
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, reload_on_hup)
     notify(f"READY=1\nMAINPID={os.getpid()}\nSTATUS={status_line(agent)}")
     reporter = asyncio.create_task(report_status(agent))
     log.info("iapd ready on %s (%d profiles, config %s, store %s)", path, len(config.profiles), config_path, store.path)

@@ -10,6 +10,8 @@
     DELETE /v1/login/{profile}         cancel the login in progress (Ctrl-C in the client)
     POST /v1/login/{profile}/complete  {"redirect_url": ...}: finish a login without a browser
     POST /v1/logout/{profile}          revoke (best effort), wipe, forget; POST /v1/logout: all
+    POST /v1/reload                    re-read the config (as SIGHUP): {"reloaded", "profiles"|"error"}
+    POST /v1/stop                      shut down (as SIGTERM)
 
 Errors are JSON `{"error": CODE, "message": ...}` with a fitting status (see iapd.errors).
 """
@@ -18,10 +20,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import socket
-import math
 import stat
+import sys
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 
@@ -33,8 +36,11 @@ from iapd.fsutil import UnsafePath, ensure_private_dir
 
 log = logging.getLogger("iapd.server")
 AGENT = web.AppKey("agent", Agent)
+STOP = web.AppKey("stop", Callable[[], None])
 
 MAX_BODY = 64 * 1024
+# sizeof(sockaddr_un.sun_path): 108 on Linux, 104 on macOS and the BSDs (with the final NUL).
+MAX_SOCKET_PATH = 108 if sys.platform.startswith("linux") else 104
 
 
 def error_response(code: str, message: str, status: int, **extra: object) -> web.Response:
@@ -132,10 +138,23 @@ async def set_clock(request: web.Request) -> web.Response:
     return web.json_response({"wall_offset": agent.clock.wall_offset})
 
 
-def make_app(agent: Agent, test_clock: bool = False) -> web.Application:
+async def reload(request: web.Request) -> web.Response:
+    return web.json_response(await request.app[AGENT].reload("asked over the socket"))
+
+
+async def stop(request: web.Request) -> web.Response:
+    """`iapctl stop`: shut down after this answer (as SIGTERM would)."""
+    asyncio.get_running_loop().call_soon(request.app[STOP])
+    return web.json_response({"stopping": True, "pid": os.getpid()})
+
+
+def make_app(agent: Agent, test_clock: bool = False, on_stop: Callable[[], None] | None = None) -> web.Application:
     app = web.Application(middlewares=[errors_as_json], client_max_size=MAX_BODY)
     app[AGENT] = agent
+    app[STOP] = on_stop or (lambda: None)
     r = app.router
+    r.add_post("/v1/reload", reload)
+    r.add_post("/v1/stop", stop)
     r.add_get("/healthz", healthz)
     r.add_get("/v1/token/{profile}", token)
     r.add_post("/v1/adhoc/token", adhoc_token)
@@ -190,6 +209,9 @@ def bind_socket(path: str, own_dir: bool = True) -> socket.socket:
     `own_dir`); replace a stale socket from a dead daemon, but never steal one a live daemon
     answers on."""
     target = Path(path)
+    if len(os.fsencode(path)) >= MAX_SOCKET_PATH:
+        raise SystemExit(f"iapd: the socket path {path} is {len(os.fsencode(path))} bytes; a unix socket path may "
+                         f"have at most {MAX_SOCKET_PATH - 1}: set IAPD_SOCKET (or [daemon] socket) to a shorter one")
     _check_socket_dir(target.parent, own_dir)
     if os.path.lexists(target):
         mode = os.lstat(target).st_mode
