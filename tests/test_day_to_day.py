@@ -144,3 +144,22 @@ def test_iapctl_and_iapd_versions_agree(env):
     iapd = Path(IAPCTL).with_name("iapd")
     assert iapctl("--version", env=env).stdout.split()[1] == \
         subprocess.run([str(iapd), "--version"], capture_output=True, text=True).stdout.split()[1]
+
+
+def test_doctor_says_what_is_well_and_what_to_fix(daemon, env, emulator):
+    daemon.login()
+    daemon.token("demo-user")
+    out = iapctl("doctor", env=env)
+    assert out.returncode == 0, out.stdout + out.stderr
+    for line in ("ok       config: ", "ok       socket: ", "ok       daemon: iapd ", "ok       clock: within ",
+                 "ok       profile demo-user: ready, demo@example.com", "ok       profile demo-sa: idle"):
+        assert line in out.stdout, (line, out.stdout)
+    assert out.stdout.endswith("All good.\n")
+    emulator.settings(clock_offset=600)  # Google's clock and ours now disagree by ten minutes
+    daemon.request("POST", "/v1/logout/demo-user")
+    out = iapctl("doctor", env=env)
+    assert out.returncode == 1
+    assert "PROBLEM  clock: this machine's clock is 600s behind" in out.stdout or \
+        "PROBLEM  clock: this machine's clock is 599s behind" in out.stdout, out.stdout
+    assert "PROBLEM  profile demo-user: login_required: " in out.stdout and "`iapctl login demo-user`" in out.stdout
+    assert out.stdout.endswith("2 problem(s).\n")

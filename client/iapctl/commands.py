@@ -84,6 +84,12 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Stop the daemon and start it again (through systemd or launchd when they run it).")
     p.set_defaults(func=cmd_restart)
 
+    p = sub.add_parser("doctor", help="check config, socket, daemon, service, clock and profiles",
+                       description="Check everything iapctl depends on, one line each, with a fix for what is wrong: "
+                                   "the config, the socket path and its permissions, the daemon, the login service, "
+                                   "the clock against the token endpoint's, and each profile. Exit 0 if all is well.")
+    p.set_defaults(func=cmd_doctor)
+
     p = sub.add_parser("service", help="install the login service (systemd user units or a launchd agent)",
                        description="Install, remove or inspect the service that starts iapd at login.")
     p.add_argument("action", choices=["install", "uninstall", "status"])
@@ -310,6 +316,14 @@ def cmd_restart(args: argparse.Namespace) -> int:
         raise Failure("iapd did not come back", UNREACHABLE)
     print(f"Restarted iapd (pid {now['pid']}).")
     return OK
+
+
+# -- doctor -------------------------------------------------------------------------------------
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from iapctl.doctor import run_doctor
+
+    return run_doctor()
 
 
 # -- service ------------------------------------------------------------------------------------

@@ -30,8 +30,13 @@ log = logging.getLogger("iapd.emulator")
 @web.middleware
 async def emulated_clock(request: web.Request, handler):
     """`Date` from the emulated clock, so that a skewed Google looks skewed to its clients too."""
-    response = await handler(request)
-    response.headers["Date"] = email.utils.formatdate(request.app[oauth.STATE_KEY].now(), usegmt=True)
+    date = email.utils.formatdate(request.app[oauth.STATE_KEY].now(), usegmt=True)
+    try:
+        response = await handler(request)
+    except web.HTTPException as exc:  # redirects and 4xx raised by handlers and the router
+        exc.headers["Date"] = date
+        raise
+    response.headers["Date"] = date
     return response
 
 

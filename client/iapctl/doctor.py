@@ -1,0 +1,167 @@
+"""`iapctl doctor`: one line per thing iapctl depends on, and a fix for each that is wrong.
+
+Not on any hot path, so it may take its time (a second for the config's validation, a network
+round trip for the clock). The config is validated by the daemon's own code (`iapd.config`,
+installed alongside), so doctor and daemon never disagree about it.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from email.utils import parsedate_to_datetime
+
+from iapctl import __version__, paths
+from iapctl.cli import Failure, call
+
+SKEW_LIMIT = 60.0  # seconds: beyond this, tokens look expired or not yet valid to IAP
+
+
+class Report:
+    def __init__(self) -> None:
+        self.problems = 0
+
+    def ok(self, what: str, detail: str) -> None:
+        print(f"ok       {what}: {detail}")
+
+    def problem(self, what: str, detail: str, fix: str) -> None:
+        self.problems += 1
+        print(f"PROBLEM  {what}: {detail} → {fix}")
+
+    def note(self, what: str, detail: str) -> None:
+        print(f"-        {what}: {detail}")
+
+
+def _config(report: Report):
+    path = paths.config_path()
+    if not os.path.exists(path):
+        report.problem("config", f"{path} does not exist", "write a profile there (see the README's Configuration)")
+        return None
+    try:
+        from iapd.config import ConfigError, load_config
+    except ImportError:
+        report.note("config", f"{path} exists (iapd is not installed here to validate it)")
+        return None
+    try:
+        config = load_config(path)
+    except ConfigError as exc:
+        report.problem("config", str(exc), "fix that key, then `iapctl reload`")
+        return None
+    report.ok("config", f"{path}: {len(config.profiles)} profile(s)")
+    return config
+
+
+def _socket(report: Report) -> str:
+    path = paths.socket_path()
+    folder = os.path.dirname(path)
+    reason = paths.unsafe_dir(folder)
+    if reason is not None:
+        report.problem("socket", f"{path}: {reason}", "set IAPD_SOCKET or XDG_RUNTIME_DIR to a directory only you can write")
+    elif len(os.fsencode(path)) >= 104:
+        report.problem("socket", f"{path} is {len(os.fsencode(path))} bytes, too long for a unix socket",
+                       "set IAPD_SOCKET (or [daemon] socket) to a shorter path")
+    else:
+        report.ok("socket", path)
+    return path
+
+
+def _daemon(report: Report, socket_path: str) -> dict | None:
+    try:
+        resp = call("GET", "/v1/status", autostart=False, timeout=5)
+    except Failure as exc:
+        report.problem("daemon", exc.message, "`iapctl token PROFILE` starts it, or `iapd serve`, or `iapctl service install`")
+        return None
+    status = resp.json()
+    daemon = status["daemon"]
+    if daemon["version"] != __version__:
+        report.problem("daemon", f"iapd {daemon['version']} runs, iapctl is {__version__}", "`iapctl restart`")
+    else:
+        managed = f", run by {daemon['service']}" if daemon.get("service") else ""
+        report.ok("daemon", f"iapd {daemon['version']}, pid {daemon['pid']}{managed}")
+    if daemon.get("config_error"):
+        report.problem("daemon config", f"the running daemon refused the edited config: {daemon['config_error']}",
+                       "fix the file; it is picked up by itself (or `iapctl reload`)")
+    for path in daemon.get("unreadable_stores") or []:
+        report.problem("store", f"{path} was unreadable and set aside", "`iapctl logout --all` revokes and removes it")
+    return status
+
+
+def _service(report: Report) -> None:
+    from iapctl.autostart import LAUNCHD_LABEL, SYSTEMD_SOCKET_UNIT, systemd_user_manager_reachable
+
+    if sys.platform.startswith("linux"):
+        config_home = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
+        installed = os.path.exists(os.path.join(config_home, "systemd", "user", SYSTEMD_SOCKET_UNIT))
+        reachable = systemd_user_manager_reachable()
+        if installed and not reachable:
+            report.note("service", "systemd units installed, but no user manager here: iapctl starts iapd itself")
+        elif installed:
+            report.ok("service", f"systemd user unit {SYSTEMD_SOCKET_UNIT} installed")
+        else:
+            report.note("service", "no login service (iapctl starts iapd when needed; `iapctl service install` "
+                        + ("is available)" if reachable else "needs a systemd user manager, not found here)"))
+    elif sys.platform == "darwin":
+        plist = os.path.join(os.path.expanduser("~"), "Library", "LaunchAgents", f"{LAUNCHD_LABEL}.plist")
+        report.note("service", f"launchd agent {'installed' if os.path.exists(plist) else 'not installed'}")
+
+
+def _clock(report: Report, config) -> None:
+    if config is None:
+        return
+    import urllib.error
+    import urllib.request
+
+    url = config.endpoints.token_url
+    try:
+        request = urllib.request.Request(url, method="GET")
+        try:
+            with urllib.request.urlopen(request, timeout=5) as resp:
+                date = resp.headers.get("Date")
+        except urllib.error.HTTPError as exc:  # the token endpoint answers GET with 4xx: its Date is all we want
+            date = exc.headers.get("Date")
+    except (OSError, ValueError) as exc:
+        report.problem("clock", f"cannot reach {url} ({exc})", "check the network (or HTTPS_PROXY)")
+        return
+    if not date:
+        report.note("clock", f"{url} sent no Date header")
+        return
+    skew = parsedate_to_datetime(date).timestamp() - time.time()
+    if abs(skew) > SKEW_LIMIT:
+        report.problem("clock", f"this machine's clock is {abs(skew):.0f}s {'behind' if skew > 0 else 'ahead of'} "
+                       f"{url}'s", "synchronise it (timedatectl set-ntp true; or your OS's time settings)")
+    else:
+        report.ok("clock", f"within {abs(skew):.0f}s of {url}")
+
+
+FIXES = {
+    "login_required": "`iapctl login {name}`",
+    "config_error": "fix the profile in the config",
+    "refused": "check the profile's audience and client ids (`iapctl status` shows Google's answer)",
+    "error": "Google or the network failed; it retries by itself",
+}
+
+
+def _profiles(report: Report, status: dict | None) -> None:
+    if status is None:
+        return
+    for profile in status["profiles"]:
+        name, state = profile["name"], profile["state"]
+        if state in ("ready", "idle"):
+            who = profile.get("identity") or "(not yet fetched)"
+            report.ok(f"profile {name}", f"{state}, {who}")
+        else:
+            message = (profile.get("last_error") or {}).get("message") or state
+            report.problem(f"profile {name}", f"{state}: {message}", FIXES.get(state, "see `iapctl status`").format(name=name))
+
+
+def run_doctor() -> int:
+    report = Report()
+    config = _config(report)
+    socket_path = _socket(report)
+    status = _daemon(report, socket_path)
+    _service(report)
+    _clock(report, config)
+    _profiles(report, status)
+    print(f"\n{report.problems} problem(s)." if report.problems else "\nAll good.")
+    return 1 if report.problems else 0
