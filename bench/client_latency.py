@@ -72,8 +72,13 @@ def installed_venv(root: Path) -> Path:
     if venv.exists():
         shutil.rmtree(venv)
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    # Byte-compiled, as pip installs for users: with PYTHONDONTWRITEBYTECODE set (as on our CI
+    # machines) pip skips it, and every run would compile iapctl's sources anew.
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
     subprocess.run([sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"), "install", "-q",
-                    "--no-deps", str(root)], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                    "--no-deps", str(root)], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    subprocess.run([str(venv / "bin" / "python"), "-m", "compileall", "-q", str(venv / "lib")], check=True,
+                   stdout=subprocess.DEVNULL, env=env)
     return venv / "bin"
 
 
