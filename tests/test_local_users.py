@@ -430,3 +430,16 @@ def test_the_emulator_on_ipv6_loopback_prints_usable_urls(tmp_path):
             assert resp.status == 200
     finally:
         stop_process(proc)
+
+
+def test_error_text_from_the_callback_has_its_control_characters_escaped(daemon):
+    started = daemon.request("POST", "/v1/login/demo-user").json()
+    state = started["auth_url"].split("state=")[1].split("&")[0]
+    import requests
+
+    hostile = "\x1b]0;owned\x07\x1b[2J"  # retitles and clears a terminal when printed raw
+    requests.get(started["redirect_uri"], params={"state": state, "error": "access_denied",
+                                                  "error_description": hostile}, timeout=10)
+    outcome = daemon.request("GET", "/v1/login/demo-user").json()
+    assert outcome["state"] == "failed" and "\x1b" not in outcome["message"] and "\x07" not in outcome["message"]
+    assert "\\x1b]0;owned\\x07" in outcome["message"]
