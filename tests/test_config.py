@@ -56,7 +56,7 @@ def test_missing_file_is_an_empty_config(tmp_path):
     ("[client]\nautostart = 'no'\n", "client.autostart: expected true or false (unquoted)"),
     ("[profiles.x]\naudience='a'\n[profiles.x.service_account]\nkind='impersonate'\ntarget='deployer'\n",
      "profiles.x.service_account.target: expected a service account's email"),
-    ("[profiles.x]\naudience = 'a'\n", "profiles.x: give exactly one of [user] or [service_account]"),
+    ("[profiles.x]\naudience = 'a'\n", "profiles.x: give exactly one of [user], [service_account] or [oidc]"),
     ("[daemon]\nmargin_seconds = 'soon'\n", "daemon.margin_seconds: Input should be a valid number"),
     ("[profiles.x.service_account]\nkind = 'magic'\n", "profiles.x.service_account: Input tag 'magic' found using 'kind' does not match"),
     ("[profiles.x.service_account]\nkind = 'key_file'\n", "profiles.x.service_account.key_file: required key is missing"),

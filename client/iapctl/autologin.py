@@ -156,12 +156,20 @@ def _ssh_forward_hint(redirect_uri: str) -> str | None:
 
 # -- the login itself ----------------------------------------------------------------------------
 
-def login(profile: str, ui, browser: bool) -> dict:
+def login(profile: str, ui, browser: bool, device: bool = False) -> dict:
     """Start (or join) the login of `profile` and see it through: a browser when `browser` and
-    one opens, else the URL to open elsewhere, the pasted redirect or a forwarded port. Returns
-    the daemon's outcome (`state` done or failed). Ctrl-C cancels the login in the daemon."""
-    started = _json(call("POST", f"/v1/login/{profile}"))
+    one opens, else the URL to open elsewhere, the pasted redirect or a forwarded port; for the
+    device grant, a code to enter at the issuer's page. Returns the daemon's outcome (`state`
+    done or failed). Ctrl-C cancels the login in the daemon."""
+    started = _json(call("POST", f"/v1/login/{profile}" + ("?device=1" if device else "")))
     try:
+        if started.get("device"):
+            if ui.reader is None:  # nobody would see the code
+                cancel(profile)
+                raise Failure(f"login required for profile {profile}: run `iapctl login {profile}`", LOGIN_REQUIRED)
+            ui.say(f"iapctl: to log in to profile {profile}, open on any device:\n  {started['verification_url']}\n"
+                   f"and enter the code {started['user_code']}")
+            return wait_for_login(profile)
         if started.get("joined"):
             ui.say(f"iapctl: joining the login already in progress for profile {profile}; its URL:\n  {started['auth_url']}")
             if not _orphaned(started):

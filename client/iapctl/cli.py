@@ -208,6 +208,37 @@ def drop_in(command: str, args: list[str]) -> int | None:
     return run(name, adhoc=f'{{"name":"{name}",{definition}}}'.encode())
 
 
+FORMATS = ("plain", "header", "json", "exec-credential")
+
+
+def formatted(profile: str, fmt: str) -> int:
+    """`iapctl token P --format F`: the token with its expiry, as a header line, JSON, or the
+    `client.authentication.k8s.io/v1` ExecCredential kubectl reads from an exec plugin."""
+    import json
+
+    if not valid_profile(profile):
+        return fail(f"invalid profile name {profile!r}", USAGE)
+    try:
+        resp = call("GET", f"/v1/token/{profile}?format=json")
+        if resp.status != 200:
+            error = error_of(resp)
+            raise _failure_of(error.get("profile") or profile, error)
+        info = resp.json()
+    except Failure as exc:
+        return fail(exc.message, exc.code)
+    except wire.Unreachable as exc:
+        return fail(f"iapd stopped answering: {exc}", UNREACHABLE)
+    if fmt == "header":
+        out = f"Bearer {info['token']}"
+    elif fmt == "json":
+        out = json.dumps({"profile": info["profile"], "token": info["token"], "expires_at": info["expires_at"]})
+    else:
+        out = json.dumps({"apiVersion": "client.authentication.k8s.io/v1", "kind": "ExecCredential",
+                          "status": {"token": info["token"], "expirationTimestamp": info["expires_at"]}})
+    sys.stdout.write(out + "\n")
+    return OK
+
+
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if len(args) == 2 and args[0] == "token" and not args[1].startswith("-"):

@@ -11,7 +11,7 @@ import sys
 from iapctl import __version__, paths
 from iapctl.cli import (
     BAD_PROFILE, ERROR, EXIT_CODE_OF_ERROR, LOGIN_REQUIRED, OK, UNREACHABLE, UPSTREAM, USAGE, Failure, call, error_of,
-    fail, run, valid_profile,
+    fail, formatted, run, valid_profile,
 )
 
 EXIT_CODES = f"""exit codes:
@@ -48,7 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Print an ID token for PROFILE and a newline on stdout; nothing else. On failure, "
                                    "one line on stderr and a non-zero exit code (see `iapctl --help`).")
     p.add_argument("profile")
-    p.set_defaults(func=lambda a: run(a.profile))
+    p.add_argument("--format", choices=["plain", "header", "json", "exec-credential"], default="plain",
+                   help="plain (the default, the fast path): the token; header: `Bearer TOKEN`; json: token and "
+                        "expiry; exec-credential: a client.authentication.k8s.io/v1 ExecCredential for kubectl")
+    p.set_defaults(func=lambda a: run(a.profile) if a.format == "plain" else formatted(a.profile, a.format))
 
     p = sub.add_parser("login", help="log in to PROFILE in a browser",
                        description="Log in with your Google account for PROFILE. Opens a browser (honours $BROWSER); "
@@ -56,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("profile")
     p.add_argument("--no-browser", action="store_true",
                    help="print the URL instead of opening a browser (SSH, headless machines)")
+    p.add_argument("--device", action="store_true",
+                   help="an OpenID Connect profile's device grant: a code to enter at the issuer's page, on any device")
     p.set_defaults(func=cmd_login)
 
     p = sub.add_parser("logout", help="revoke and forget a login (or all of them)",
@@ -158,11 +163,9 @@ def cmd_login(args: argparse.Namespace) -> int:
 
     profile = _profile(args.profile)
     ui = Console()
+    # No display and no $BROWSER (SSH, a container): the URL is printed to open elsewhere.
     browser = not args.no_browser and can_open_browser()
-    if not args.no_browser and not browser:
-        ui.say("iapctl: no display here (no $DISPLAY or $WAYLAND_DISPLAY, no $BROWSER): "
-               "open the URL below in a browser on any machine.")
-    outcome = login(profile, ui, browser)
+    outcome = login(profile, ui, browser, device=args.device)
     if outcome.get("state") != "done":
         raise not_completed(profile, outcome)
     print(f"Logged in as {outcome.get('email')} (profile {profile}).")
@@ -180,7 +183,7 @@ def cmd_logout(args: argparse.Namespace) -> int:
         who = r.get("email") or "no stored login"
         profiles = ", ".join(r.get("profiles") or []) or "(no profile)"
         if r.get("revoked"):
-            revoked = "revoked at Google"
+            revoked = "revoked at the issuer" if str(r.get("credential", "")).startswith("oidc:") else "revoked at Google"
         elif r.get("revoke_error"):
             revoked = f"not revoked ({r['revoke_error']})"
         else:
@@ -230,7 +233,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     rows = [("PROFILE", "IDENTITY", "STATE", "AUDIENCE", "EXPIRES IN", "NEXT RENEWAL", "LAST ERROR")]
     for p in status["profiles"]:
         error = p.get("last_error") or {}
-        rows.append((p["name"], p.get("identity") or "-", p["state"], p.get("audience") or "(allowlist)",
+        audience = p.get("audience") or ("(allowlist)" if p.get("mode") == "allowlist" else "-")
+        rows.append((p["name"], p.get("identity") or "-", p["state"], audience,
                      _duration(p.get("expires_in")), _duration(p.get("next_renewal_in")),
                      (error.get("message") or "-")[:70]))
     if len(rows) == 1:

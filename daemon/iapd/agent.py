@@ -27,8 +27,9 @@ from iapd.errors import BadRequest, LoginRequired, UnknownProfile
 from iapd.google_http import revoke
 from iapd.login import LoginManager
 from iapd.google_creds import GoogleAuth
-from iapd.sources.base import SourceContext, TokenSource
+from iapd.sources.base import IdToken, SourceContext, TokenSource
 from iapd.sources.service_account import build_service_account_source
+from iapd.sources.oidc import OidcCredential
 from iapd.sources.user import UserCredential
 from iapd.store import CredentialStore
 
@@ -49,7 +50,7 @@ class Agent:
         self.source_context = SourceContext(session, clock, config.endpoints, config.daemon.http_timeout_seconds,
                                             GoogleAuth(config.daemon.http_timeout_seconds))
         self.cache = TokenCache(config.daemon, clock)
-        self.logins = LoginManager(config.endpoints.auth_url, config.daemon.login_timeout_seconds, self.cache.forget)
+        self.logins = LoginManager(config.daemon.login_timeout_seconds, self.cache.forget)
         self.profiles: dict[str, Profile] = {}
         self.sources: dict[str, TokenSource] = {}
         self.adhoc: set[str] = set()
@@ -103,7 +104,7 @@ class Agent:
         else:
             kept = {name: p for name, p in self.profiles.items() if new.profiles.get(name) == p}
         self.cache.settings = new.daemon
-        self.logins.auth_endpoint, self.logins.timeout = new.endpoints.auth_url, new.daemon.login_timeout_seconds
+        self.logins.timeout = new.daemon.login_timeout_seconds
         adhoc = {name: self.profiles[name] for name in self.adhoc if name in self.profiles}
         previous_sources = self.sources
         self.profiles, self.sources = {}, {}
@@ -117,11 +118,24 @@ class Agent:
             self.cache.drop(key)  # nobody uses that credential any more
 
     def _add_profile(self, name: str, profile: Profile) -> None:
-        """One source object per credential: profiles on the same desktop client share it."""
+        """One source object per credential: profiles on the same desktop client share it. (An
+        OpenID Connect source carries its profile's scopes and token choice: shared only by
+        profiles that are the same but for their names.)"""
         source = self._source_for(name, profile)
-        shared = next((s for s in self.sources.values() if s.key == source.key), None)
+        shared = next((s for n, s in self.sources.items() if s.key == source.key
+                       and (profile.oidc is None or self.profiles[n].oidc == profile.oidc)), None)
         self.profiles[name] = profile
         self.sources[name] = shared or source
+
+    @staticmethod
+    def cache_audience(profile: Profile) -> str | None:
+        """The second half of a cache entry's key (the first is the credential): the audience for
+        Google; for OpenID Connect, everything that makes its token different — profiles of one
+        login may ask for other scopes, another audience, the other token, through another proxy."""
+        if profile.oidc is None:
+            return profile.audience
+        o = profile.oidc
+        return f"{o.token}|{' '.join(o.scopes)}|{o.audience or ''}|{o.resource or ''}|{o.via or ''}"
 
     def add_adhoc_profile(self, definition: dict[str, Any]) -> str:
         """Register a profile given by a client (flyte-iap's flags). The client names it by its
@@ -152,6 +166,10 @@ class Agent:
     def _source_for(self, name: str, profile: Profile) -> TokenSource:
         if profile.user is not None:
             return UserCredential(profile.user, self.store, self.source_context)
+        if profile.oidc is not None:
+            via = profile.oidc.via
+            proxy_token = (lambda: self.token(via)) if via else None
+            return OidcCredential(name, profile.oidc, self.store, self.source_context, proxy_token)
         assert profile.service_account is not None
         return build_service_account_source(name, profile.service_account, self.source_context)
 
@@ -166,9 +184,11 @@ class Agent:
             raise UnknownProfile(f"no profile named {name!r} in {self.config_path} (profiles: {known}){broken}")
         return profile, self.sources[name]
 
-    def user_credential(self, name: str) -> UserCredential:
+    def login_credential(self, name: str) -> UserCredential | OidcCredential:
         _, source = self.profile(name)
-        if not isinstance(source, UserCredential):
+        if isinstance(source, OidcCredential) and source.config.grant == "client_credentials":
+            raise BadRequest(f"profile {name!r} uses client credentials; there is nothing to log in to")
+        if not isinstance(source, (UserCredential, OidcCredential)):
             raise BadRequest(f"profile {name!r} uses a service account; there is nothing to log in to")
         return source
 
@@ -177,15 +197,18 @@ class Agent:
         profile = self.profiles.get(name)
         if profile is None:
             return None
-        token = self.cache.peek(self.sources[name], profile.audience)
+        token = self.cache.peek(self.sources[name], self.cache_audience(profile))
         return token.value if token is not None else None
 
     async def token(self, name: str) -> str:
+        return (await self.token_info(name)).value
+
+    async def token_info(self, name: str) -> IdToken:
         if name not in self.profiles:
             await self.reload_if_changed()  # a profile just added to the file is served at once
         profile, source = self.profile(name)
         try:
-            return (await self.cache.get(source, profile.audience)).value
+            return await self.cache.get(source, self.cache_audience(profile))
         except LoginRequired as exc:
             # The client needs the profile (ad-hoc ones have generated names) and whether it may
             # start a login by itself.
@@ -193,20 +216,22 @@ class Agent:
 
     # -- login / logout ---------------------------------------------------------------------
 
-    async def login(self, name: str) -> dict[str, Any]:
-        flow, joined = await self.logins.start(self.user_credential(name))
+    async def login(self, name: str, device: bool = False) -> dict[str, Any]:
+        credential = self.login_credential(name)
+        device = device or (isinstance(credential, OidcCredential) and credential.config.grant == "device_code")
+        flow, joined = await self.logins.start(credential, device)
         return {"profile": name, "joined": joined, **flow.public()}
 
     async def login_status(self, name: str, wait: float) -> dict[str, Any]:
-        credential = self.user_credential(name)
+        credential = self.login_credential(name)
         return {"profile": name, **await self.logins.wait(credential.key, wait)}
 
     def login_cancel(self, name: str) -> dict[str, Any]:
-        credential = self.user_credential(name)
+        credential = self.login_credential(name)
         return {"profile": name, **self.logins.cancel(credential.key)}
 
     async def login_complete(self, name: str, redirect_url: str) -> dict[str, Any]:
-        return {"profile": name, **await self.logins.complete(self.user_credential(name), redirect_url)}
+        return {"profile": name, **await self.logins.complete(self.login_credential(name), redirect_url)}
 
     async def logout(self, name: str | None) -> dict[str, Any]:
         """One profile (and every profile sharing its login), or everything."""
@@ -217,7 +242,7 @@ class Agent:
             targets = {source.key: source for source in self.sources.values()}
         results = []
         for key, source in targets.items():
-            if isinstance(source, UserCredential):
+            if isinstance(source, (UserCredential, OidcCredential)):
                 result = await source.logout()
             else:
                 result = {"credential": key, "email": source.identity(), "revoked": False, "wiped": False}
@@ -264,17 +289,19 @@ class Agent:
 
     def _profile_status(self, name: str) -> dict[str, Any]:
         profile, source = self.profile(name)
-        entry = self.cache.entries.get((source.key, profile.audience))
-        login = self.logins.result(source.key) if isinstance(source, UserCredential) else {"state": "none"}
+        entry = self.cache.entries.get((source.key, self.cache_audience(profile)))
+        logs_in = isinstance(source, (UserCredential, OidcCredential))
+        login = self.logins.result(source.key) if logs_in else {"state": "none"}
         out: dict[str, Any] = {
             "name": name, "adhoc": name in self.adhoc, "kind": source.kind, "credential": source.key, "identity": source.identity(),
-            "audience": profile.audience, "mode": "audience" if profile.audience else "allowlist",
+            "audience": profile.oidc.audience if profile.oidc else profile.audience,
+            "mode": "oidc" if profile.oidc else ("audience" if profile.audience else "allowlist"),
             "expires_in": None, "next_renewal_in": None, "refresh_count": 0, "waited_requests": 0,
             "last_refresh": None, "last_error": None, "login": login["state"],
         }
         token = entry.token if entry else None
         remaining = token.remaining(self.clock) if token else None
-        if isinstance(source, UserCredential) and not source.logged_in():
+        if logs_in and not source.logged_in():
             out["state"] = "login_required"
         elif entry is not None and entry.login_required:
             out["state"] = "login_required"
@@ -297,7 +324,7 @@ class Agent:
                 if entry.last_attempt_wall else None
             if entry.last_error is not None:
                 out["last_error"] = {"code": entry.last_error.code, "message": entry.last_error.message}
-        if out["state"] == "login_required" and out["last_error"] is None and isinstance(source, UserCredential):
+        if out["state"] == "login_required" and out["last_error"] is None and logs_in:
             record = self.store.get(source.key) or {}
             out["last_error"] = {"code": "login_required", "message": record.get("login_reason") or "not logged in"}
         return out

@@ -110,16 +110,50 @@ ServiceAccountSource = Annotated[
 ]
 
 
+HttpUrl = Annotated[str, _matching(re.compile(r"^https?://[^\s/]+(/\S*)?$"), "an http(s) URL")]
+
+
+class OidcSource(_Strict):
+    """Any OpenID Connect issuer (Dex, Keycloak, Okta, flyteadmin's authorization server…):
+    endpoints from its discovery document, each overridable."""
+
+    issuer: HttpUrl
+    client_id: str = Field(min_length=1)
+    client_secret: str | None = Field(default=None, min_length=1)  # absent: a public client (PKCE alone)
+    grant: Literal["authorization_code", "device_code", "client_credentials"] = "authorization_code"
+    scopes: list[str] = ["openid", "email", "offline_access"]
+    token: Literal["id_token", "access_token"] = "id_token"  # which one `iapctl token` prints
+    audience: str | None = Field(default=None, min_length=1)  # sent as `audience` (Auth0/Okta style)
+    resource: str | None = Field(default=None, min_length=1)  # sent as `resource` (RFC 8707)
+    redirect_uri: HttpUrl | None = None  # a loopback URI; default an ephemeral 127.0.0.1 port
+    via: str | None = Field(default=None, min_length=1)  # a profile whose token goes in Proxy-Authorization
+    authorization_endpoint: HttpUrl | None = None
+    token_endpoint: HttpUrl | None = None
+    device_authorization_endpoint: HttpUrl | None = None
+    revocation_endpoint: HttpUrl | None = None
+
+    @model_validator(mode="after")
+    def _grant_needs(self) -> "OidcSource":
+        if self.grant == "client_credentials" and self.client_secret is None:
+            raise ValueError("the client_credentials grant needs a client_secret")
+        if self.token == "id_token" and "openid" not in self.scopes:
+            raise ValueError("token = \"id_token\" needs \"openid\" in scopes")
+        return self
+
+
 class Profile(_Strict):
     # The IAP OAuth client id. Absent: allowlist mode (`programmaticClients`), aud = desktop client.
     audience: str | None = Field(default=None, min_length=1)
     user: UserSource | None = None
     service_account: ServiceAccountSource | None = None
+    oidc: OidcSource | None = None
 
     @model_validator(mode="after")
     def _one_source(self) -> "Profile":
-        if (self.user is None) == (self.service_account is None):
-            raise ValueError("give exactly one of [user] or [service_account]")
+        if sum(x is not None for x in (self.user, self.service_account, self.oidc)) != 1:
+            raise ValueError("give exactly one of [user], [service_account] or [oidc]")
+        if self.oidc is not None and self.audience is not None:
+            raise ValueError("an [oidc] profile takes its audience inside [oidc]")
         return self
 
 
@@ -167,6 +201,21 @@ class Config(_Strict):
     client: ClientSettings = ClientSettings()
     endpoints: Endpoints = Endpoints()
     profiles: dict[str, Profile] = {}
+
+    @model_validator(mode="after")
+    def _via_names_a_profile(self) -> "Config":
+        """`via` must name another profile, and following `via` must end (no loop)."""
+        for name, profile in self.profiles.items():
+            seen, current = {name}, profile
+            while current.oidc is not None and current.oidc.via is not None:
+                via = current.oidc.via
+                if via not in self.profiles:
+                    raise ValueError(f"profiles.{name}.oidc.via: no profile named {via!r}")
+                if via in seen:
+                    raise ValueError(f"profiles.{name}.oidc.via: {' → '.join([*seen, via])} is a loop")
+                seen.add(via)
+                current = self.profiles[via]
+        return self
 
 
 def _key_of(loc: tuple) -> str:

@@ -105,11 +105,14 @@ async def fetch(session: aiohttp.ClientSession, method: str, url: str, *, what: 
     raise refused
 
 
-async def revoke(session: aiohttp.ClientSession, url: str, token: str) -> str | None:
+async def revoke(session: aiohttp.ClientSession, url: str, token: str, data: dict | None = None,
+                 headers: dict | None = None) -> str | None:
     """Revoke a token (RFC 7009); None on success, else why not. Success is the status code: the
-    body is to be ignored (Google's is empty or not JSON)."""
+    body is to be ignored (Google's is empty or not JSON). `data`/`headers`: an issuer's client
+    authentication."""
     try:
-        await request_text(session, "POST", url, what="revoking the login", data={"token": token})
+        await request_text(session, "POST", url, what="revoking the login", data=data or {"token": token},
+                           headers=headers or {})
     except (UpstreamError, UpstreamUnavailable, LoginRequired) as exc:
         return exc.message
     return None

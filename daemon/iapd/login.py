@@ -28,16 +28,18 @@ import socket
 import time
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import parse_qs, urlencode, urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 from aiohttp import web
 
 from iapd.errors import BadRequest, IapdError, UpstreamError, without_message
 from iapd.guard import Gate, GuardedSite, can_check_loopback_peers, loopback_peer_uid
+from iapd.sources.oidc import OidcCredential
 from iapd.sources.user import UserCredential
 
+LoginCredential = UserCredential | OidcCredential  # what can be logged in to
+
 log = logging.getLogger("iapd.login")
-CALLBACK_PATH = "/oauth2/callback"
 START_PATH = "/start/"
 LISTENER_MAX_CONNECTIONS = 32  # a browser opens a handful; the rest would be someone's flood
 ABANDON_GRACE_SECONDS = 3.0  # a client between two long-polls is back within milliseconds
@@ -51,7 +53,7 @@ def _page(title: str, text: str, status: int = 200) -> web.Response:
 
 @dataclass
 class LoginFlow:
-    credential: UserCredential
+    credential: LoginCredential
     verifier: str
     state: str
     redirect_uri: str
@@ -61,12 +63,19 @@ class LoginFlow:
     deadline: float  # wall clock, for reporting
     done: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
     runner: web.AppRunner | None = None
+    callback_path: str = "/oauth2/callback"
+    user_code: str | None = None  # the device grant's code for the person to enter
+    poller: asyncio.Task | None = None  # the device grant's polling of the token endpoint
     finishing: bool = False
     browser_started: bool = False  # the one-time start URL was fetched
     waiters: int = 0  # clients long-polling its outcome right now
     started_mono: float = field(default_factory=time.monotonic)
 
     def public(self) -> dict[str, Any]:
+        if self.user_code is not None:
+            return {"state": "pending", "device": True, "verification_url": self.auth_url, "user_code": self.user_code,
+                    "auth_url": self.auth_url, "expires_in": max(0, round(self.deadline - time.time())),
+                    "waiters": self.waiters}
         return {"state": "pending", "auth_url": self.auth_url, "browser_url": self.browser_url,
                 "redirect_uri": self.redirect_uri, "expires_in": max(0, round(self.deadline - time.time())),
                 "browser_opened": self.browser_started, "age": round(time.monotonic() - self.started_mono, 1),
@@ -74,8 +83,7 @@ class LoginFlow:
 
 
 class LoginManager:
-    def __init__(self, auth_url: str, timeout: float, on_login) -> None:
-        self.auth_endpoint = auth_url
+    def __init__(self, timeout: float, on_login) -> None:
         self.timeout = timeout
         self.on_login = on_login  # callback(credential_key) after a successful login
         self.flows: dict[str, LoginFlow] = {}
@@ -83,7 +91,7 @@ class LoginManager:
         self.results: dict[str, dict[str, Any]] = {}  # last outcome per credential, for polling
         self._tasks: set[asyncio.Task] = set()  # listener shutdowns under way (kept referenced)
 
-    async def start(self, credential: UserCredential) -> tuple[LoginFlow, bool]:
+    async def start(self, credential: LoginCredential, device: bool = False) -> tuple[LoginFlow, bool]:
         """The flow for this credential, and whether it was already in flight (joined).
 
         One flow per account from the very first request: setting one up takes a second (the
@@ -96,22 +104,48 @@ class LoginManager:
         opening = self.opening.get(key)
         if opening is not None:
             return await asyncio.shield(opening), True
-        opening = self.opening[key] = asyncio.create_task(self._begin(credential))
+        opening = self.opening[key] = asyncio.create_task(self._begin(credential, device))
         # Forget it when it is done, whoever was waiting (a caller that went away included).
         opening.add_done_callback(lambda task: self.opening.get(key) is task and self.opening.pop(key))
         return await asyncio.shield(opening), False
 
-    async def _begin(self, credential: UserCredential) -> LoginFlow:
-        # Read the client secret now, not after the user has clicked through the browser; anew,
-        # if it names `versions/latest` (it may have been rotated since the last login).
-        await credential.client_secret(fresh=True)
-        flow = await self._open(credential)
+    async def _begin(self, credential: LoginCredential, device: bool) -> LoginFlow:
+        # Whatever the login needs from elsewhere, now, not after the user has clicked through
+        # the browser: Google's client secret (anew, it may have been rotated), an issuer's
+        # discovery document.
+        await credential.prepare_login()
+        flow = await (self._open_device(credential) if device else self._open(credential))
         self.flows[credential.key] = flow
         asyncio.get_running_loop().call_later(self.timeout, self._expire, flow)
         log.info("%s: login started, listening on %s", credential.key, flow.redirect_uri)
         return flow
 
-    async def _open(self, credential: UserCredential) -> LoginFlow:
+    async def _open_device(self, credential: LoginCredential) -> LoginFlow:
+        """RFC 8628: no listener; the person enters a code at the issuer's page on any device,
+        while the daemon polls the token endpoint."""
+        device = await credential.start_device()
+        if not isinstance(device.get("device_code"), str) or not isinstance(device.get("verification_uri"), str):
+            raise UpstreamError("the issuer's device authorization answer has no device_code or verification_uri")
+        lifetime = min(float(device.get("expires_in") or self.timeout), self.timeout)
+        page = device.get("verification_uri_complete") or device["verification_uri"]
+        flow = LoginFlow(credential, "", "", "", page, page, "", time.time() + lifetime,
+                         user_code=str(device.get("user_code", "")), callback_path="")
+        deadline = asyncio.get_running_loop().time() + lifetime
+
+        async def poll() -> None:
+            try:
+                email = await credential.poll_device(device, deadline)
+            except IapdError as exc:
+                self._settle(flow, exc)
+                return
+            self._settle(flow, email)
+            self.on_login(credential.key)
+            log.info("%s: logged in as %s (device grant)", credential.key, email)
+
+        flow.poller = asyncio.create_task(poll())
+        return flow
+
+    async def _open(self, credential: LoginCredential) -> LoginFlow:
         verifier = secrets.token_urlsafe(64)
         challenge = base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest()).rstrip(b"=").decode()
         state = secrets.token_urlsafe(24)
@@ -135,8 +169,15 @@ class LoginManager:
         app.router.add_route("*", "/{tail:.*}", route)
         runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
         await runner.setup()
+        port, path = credential.redirect()
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.bind(("127.0.0.1", 0))
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError as exc:
+            sock.close()
+            await runner.cleanup()
+            raise BadRequest(f"cannot listen on 127.0.0.1:{port} for the login's redirect ({exc.strerror}); "
+                             "is another login using it?") from None
         sock.listen(128)
         sock.setblocking(False)
         # Every local user can see this port; only our own uid's connections are served, few
@@ -145,26 +186,17 @@ class LoginManager:
         gate = Gate("login listener", identify, header_timeout=10.0, max_connections=LISTENER_MAX_CONNECTIONS)
         await GuardedSite(runner, sock, gate).start()
         port = sock.getsockname()[1]
-        redirect_uri = f"http://127.0.0.1:{port}{CALLBACK_PATH}"
-        params = {
-            "client_id": credential.config.client_id, "redirect_uri": redirect_uri, "response_type": "code",
-            "scope": "openid email", "state": state, "code_challenge": challenge, "code_challenge_method": "S256",
-            # offline + consent: Google returns a refresh token only then.
-            "access_type": "offline", "prompt": "consent",
-        }
-        if credential.config.account:
-            params["login_hint"] = credential.config.account
-        if credential.config.hosted_domain:
-            params["hd"] = credential.config.hosted_domain
-        flow = LoginFlow(credential, verifier, state, redirect_uri, f"{self.auth_endpoint}?{urlencode(params)}",
+        redirect_uri = f"http://127.0.0.1:{port}{path}"
+        flow = LoginFlow(credential, verifier, state, redirect_uri,
+                         await credential.authorization_url(redirect_uri, state, challenge),
                          f"http://127.0.0.1:{port}{START_PATH}{nonce}", nonce, time.time() + self.timeout,
-                         runner=runner)
+                         runner=runner, callback_path=path)
         return flow
 
     async def _route(self, flow: LoginFlow, request: web.Request) -> web.Response:
         if request.method == "GET" and request.path.startswith(START_PATH):
             return self._start_page(flow, request.path[len(START_PATH):])
-        if request.method != "GET" or request.path != CALLBACK_PATH:
+        if request.method != "GET" or request.path != flow.callback_path:
             return _page("Not found", "This is iapd's login listener; there is nothing here.", 404)
         outcome = await self._finish(flow, dict(request.query))
         if outcome is None:
@@ -184,7 +216,7 @@ class LoginManager:
         flow.browser_started = True
         raise web.HTTPFound(flow.auth_url, headers={"Cache-Control": "no-store", "Referrer-Policy": "no-referrer"})
 
-    async def complete(self, credential: UserCredential, redirect_url: str) -> dict[str, Any]:
+    async def complete(self, credential: LoginCredential, redirect_url: str) -> dict[str, Any]:
         """--no-browser: the user pastes the URL the browser was redirected to."""
         flow = self.flows.get(credential.key)
         if flow is None or flow.done.done():
@@ -245,10 +277,15 @@ class LoginManager:
     def _expire(self, flow: LoginFlow) -> None:
         if not flow.done.done():
             log.warning("%s: login timed out after %.0fs", flow.credential.key, self.timeout)
-            where = "the browser never came back" if flow.browser_started else "no browser ever opened the login page"
+            if flow.user_code is not None:
+                where = "the code was not entered and approved at the issuer's page"
+            else:
+                where = "the browser never came back" if flow.browser_started else "no browser ever opened the login page"
             self._settle(flow, BadRequest(f"the login was not completed within {self.timeout:.0f}s: {where}"))
 
     async def _close(self, flow: LoginFlow) -> None:
+        if flow.poller is not None and not flow.poller.done():
+            flow.poller.cancel()
         if flow.runner is not None:
             runner, flow.runner = flow.runner, None
             await runner.cleanup()

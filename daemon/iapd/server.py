@@ -2,10 +2,11 @@
 
     GET  /healthz                      {"ok": true}
     GET  /v1/token/{profile}           the ID token, text/plain (nothing else)
+    GET  /v1/token/{profile}?format=json  {"profile", "token", "expires_in", "expires_at"}
     POST /v1/adhoc/token               a profile given in the body ({"audience", "user"|"service_account"}),
                                        registered in memory; then its token, as above
     GET  /v1/status                    daemon and per-profile state, JSON (never a token)
-    POST /v1/login/{profile}           start (or join) a browser login → {"auth_url", ...}
+    POST /v1/login/{profile}[?device=1] start (or join) a login → {"auth_url", ...} (device: "user_code")
     GET  /v1/login/{profile}?wait=S    long-poll the login's outcome
     DELETE /v1/login/{profile}         cancel the login in progress (Ctrl-C in the client)
     POST /v1/login/{profile}/complete  {"redirect_url": ...}: finish a login without a browser
@@ -25,6 +26,7 @@ import os
 import socket
 import stat
 import sys
+import time
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 
@@ -80,7 +82,16 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def token(request: web.Request) -> web.Response:
-    value = await request.app[AGENT].token(request.match_info["profile"])
+    """The token as text/plain; with ?format=json, the token and when it expires (for kubectl's
+    ExecCredential and other callers that cache it themselves)."""
+    agent, name = request.app[AGENT], request.match_info["profile"]
+    if request.query.get("format") == "json":
+        served = await agent.token_info(name)
+        left = max(served.remaining(agent.clock), 0.0)
+        expires_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(agent.clock.wall() + left))
+        return web.json_response({"profile": name, "token": served.value, "expires_in": int(left),
+                                  "expires_at": expires_at}, headers={"Cache-Control": "no-store"})
+    value = await agent.token(name)
     return web.Response(text=value, content_type="text/plain", headers={"Cache-Control": "no-store"})
 
 
@@ -97,7 +108,9 @@ async def status(request: web.Request) -> web.Response:
 
 
 async def login_start(request: web.Request) -> web.Response:
-    return web.json_response(await request.app[AGENT].login(request.match_info["profile"]))
+    """?device=1: the device-authorization grant (RFC 8628), for an OpenID Connect profile."""
+    device = request.query.get("device", "") in ("1", "true", "yes")
+    return web.json_response(await request.app[AGENT].login(request.match_info["profile"], device))
 
 
 async def login_poll(request: web.Request) -> web.Response:

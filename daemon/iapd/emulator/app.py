@@ -17,7 +17,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from iapd.emulator import gcp, oauth
+from iapd.emulator import gcp, issuer, oauth
 from iapd.emulator.files import write_demo_files
 from iapd.emulator.iap import IAPProxy, make_backend_app, make_iap_app
 from iapd.emulator.state import (
@@ -97,6 +97,10 @@ async def control_get(request: web.Request) -> web.Response:
         "rotate_refresh_tokens": state.rotate_refresh_tokens,
         "live_refresh_tokens": len(state.refresh_tokens),
         "pending_faults": {k: len(v) for k, v in state.faults.items() if v},
+        "oidc": {"user": state.issuer.user, "token_lifetime": state.issuer.token_lifetime,
+                 "auth_methods": state.issuer.auth_methods, "device_interval": state.issuer.device_interval,
+                 "client_secrets": {c.client_id: c.secret for c in state.issuer.clients.values() if c.secret},
+                 "live_refresh_tokens": len(state.issuer.refresh)},
     })
 
 
@@ -120,6 +124,10 @@ async def control_post(request: web.Request) -> web.Response:
                              float(body.get("delay", 0)))
         elif action == "clear_faults":
             state.faults.clear()
+        elif action == "oidc":
+            for key in ("user", "token_lifetime", "auth_methods", "device_interval"):
+                if key in body:
+                    setattr(state.issuer, key, body[key])
         elif action == "rotate_client_secret":
             state.rotate_client_secret()
         elif action == "reset_counters":
@@ -158,6 +166,7 @@ def make_google_app(state: EmulatorState) -> web.Application:
     r.add_get(md + "/email", gcp.metadata_email, name="metadata_email")
     r.add_get(md + "/", gcp.metadata_sa_info, name="metadata_info")
     r.add_get(md + "/token", gcp.metadata_token, name="metadata_token")
+    issuer.add_routes(app, state.issuer)
     r.add_get("/_emulator", control_get, name="control")
     r.add_post("/_emulator/{action}", control_post, name="control_post")
     return app
@@ -184,6 +193,7 @@ class EmulatorURLs:
             "iam_credentials_url": b,
             "sts_url": f"{b}/v1/token",
             "control_url": f"{b}/_emulator",
+            "oidc_issuer": f"{b}{issuer.PREFIX}",
             "iap_url": self.iap,
             "backend_url": self.backend,
         }

@@ -79,6 +79,7 @@ class IAPProxy:
 
     async def _forward(self, request: web.Request, claims: dict) -> web.StreamResponse:
         headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
+        headers["X-Forwarded-Host"], headers["X-Forwarded-Proto"] = request.host, request.scheme
         headers["X-Goog-Authenticated-User-Email"] = f"accounts.google.com:{claims['email']}"
         headers["X-Goog-Authenticated-User-Id"] = f"accounts.google.com:{claims['sub']}"
         assert self.session is not None

@@ -12,6 +12,7 @@ import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
 
+from iapd.emulator.issuer import IssuerState
 from iapd.emulator.keys import SigningKey
 
 ISSUER = "https://accounts.google.com"
@@ -106,6 +107,8 @@ class EmulatorState:
     metadata_cache: bool = True
     metadata_tokens: dict[tuple[str, str], str] = field(default_factory=dict)
     secrets: dict[str, bytes] = field(default_factory=dict)
+    # The generic OpenID Connect issuer at /oidc (emulator.issuer)
+    issuer: IssuerState = field(default_factory=IssuerState.demo)
     faults: dict[str, deque[Fault]] = field(default_factory=dict)
     counters: Counter = field(default_factory=Counter)
 

@@ -38,7 +38,13 @@ class IdToken:
     received_mono: float
 
     @classmethod
-    def received(cls, value: str, clock: Clock, server_date: float | None = None) -> "IdToken":
+    def opaque(cls, value: str, clock: Clock, expires_in: float) -> "IdToken":
+        """An opaque access token (no claims to read): its life is the response's `expires_in`."""
+        return cls(value, {}, expires_in, clock.wall(), clock.mono())
+
+    @classmethod
+    def received(cls, value: str, clock: Clock, server_date: float | None = None,
+                 expires_in: float | None = None) -> "IdToken":
         """A token's life is the *smaller* of two measures, both counted from receipt on our
         clocks: its full lifetime (`exp - iat`: a skewed IdP or local clock cannot make us
         serve it expired), and what is left of it by its own `exp`, read against the issuer's
@@ -54,6 +60,8 @@ class IdToken:
         lifetime = exp - iat
         if server_date is not None:
             lifetime = min(lifetime, exp - server_date)
+        if expires_in is not None:  # an access token's `expires_in` may be shorter than its JWT says
+            lifetime = min(lifetime, expires_in)
         if lifetime <= 0:
             raise UpstreamError("the token endpoint returned an ID token that has already expired")
         return cls(value, claims, lifetime, wall, clock.mono())

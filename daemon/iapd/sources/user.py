@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import asyncio
 from typing import Any
+from urllib.parse import urlencode
 
 from iapd.config import UserSource as UserConfig
-from iapd.errors import IapdError, LoginRequired, UpstreamError
+from iapd.errors import BadRequest, IapdError, LoginRequired, UpstreamError
 from iapd.google_http import fetch, json_object, request_json, revoke
 from iapd.jwt import MalformedToken, unverified_claims
 from iapd.secret_manager import read_secret
@@ -57,6 +58,30 @@ class UserCredential:
             if record:  # keep it with the refresh token; before a login, the login saves it
                 await self.store.update(self.key, client_secret=secret, client_secret_name=name)
             return secret
+
+    # -- logging in (through iapd.login) ---------------------------------------------------------
+
+    async def prepare_login(self) -> None:
+        await self.client_secret(fresh=True)
+
+    def redirect(self) -> tuple[int, str]:
+        return 0, "/oauth2/callback"  # an ephemeral port: never a fixed one (flyte-iap's 4444)
+
+    async def authorization_url(self, redirect_uri: str, state: str, challenge: str) -> str:
+        params = {
+            "client_id": self.config.client_id, "redirect_uri": redirect_uri, "response_type": "code",
+            "scope": "openid email", "state": state, "code_challenge": challenge, "code_challenge_method": "S256",
+            # offline + consent: Google returns a refresh token only then.
+            "access_type": "offline", "prompt": "consent",
+        }
+        if self.config.account:
+            params["login_hint"] = self.config.account
+        if self.config.hosted_domain:
+            params["hd"] = self.config.hosted_domain
+        return f"{self.ctx.endpoints.auth_url}?{urlencode(params)}"
+
+    async def start_device(self) -> dict[str, Any]:
+        raise BadRequest("Google's desktop clients have no device grant here: use `iapctl login PROFILE --no-browser`")
 
     async def fetch(self, audience: str | None) -> IdToken:
         record = self.store.get(self.key)

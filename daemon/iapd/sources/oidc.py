@@ -1,0 +1,271 @@
+"""Any OpenID Connect issuer: Dex behind oauth2-proxy, Keycloak, Okta, flyteadmin's own
+authorization server (itself behind IAP: `via`). Same cache, renewal, store, socket and client
+as the Google profiles; only where the tokens come from differs.
+
+Endpoints come from the issuer's discovery document (`/.well-known/openid-configuration`,
+else RFC 8414's `/.well-known/oauth-authorization-server`), each overridable in the config.
+Client authentication follows discovery and the RFCs: `client_secret_basic` for a confidential
+client unless the issuer offers only `client_secret_post`; a public client sends its id and
+relies on PKCE. Grants: authorization code + PKCE (the loopback login of iapd.login), the
+device grant (RFC 8628) and client credentials. Refresh tokens may rotate: the new one is on
+disk before the token it came with is served, and an issuer that refuses a (reused, revoked)
+refresh token means login required — never a retry storm.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, Awaitable, Callable
+from urllib.parse import quote, urlencode, urlsplit
+
+from iapd.config import OidcSource
+from iapd.errors import ConfigProblem, LoginRequired, UpstreamError
+from iapd.google_http import Answer, fetch, json_object, revoke
+from iapd.jwt import MalformedToken, unverified_claims
+from iapd.sources.base import IdToken, SourceContext
+from iapd.store import CredentialStore
+
+ProxyToken = Callable[[], Awaitable[str]]
+
+
+class OidcCredential:
+    kind = "oidc"
+
+    def __init__(self, profile: str, config: OidcSource, store: CredentialStore, ctx: SourceContext,
+                 proxy_token: ProxyToken | None = None) -> None:
+        self.profile = profile
+        self.config = config
+        self.store = store
+        self.ctx = ctx
+        self.proxy_token = proxy_token
+        # Profiles of one client at one issuer share one login (and one refresh token).
+        self.key = f"oidc:{config.issuer.rstrip('/')}:{config.client_id}"
+        self._metadata: dict[str, Any] | None = None
+        self._metadata_lock = asyncio.Lock()
+
+    # -- what the cache and status ask -----------------------------------------------------------
+
+    def identity(self) -> str | None:
+        if self.config.grant == "client_credentials":
+            return f"client {self.config.client_id}"
+        record = self.store.get(self.key)
+        return record.get("email") if record else None
+
+    def logged_in(self) -> bool:
+        if self.config.grant == "client_credentials":
+            return True
+        record = self.store.get(self.key)
+        return bool(record and record.get("refresh_token"))
+
+    # -- talking to the issuer -------------------------------------------------------------------
+
+    async def _headers(self) -> dict[str, str]:
+        """Every request to the issuer carries the `via` profile's token, if the issuer sits
+        behind a proxy (flyteadmin's authorization server behind IAP)."""
+        if self.proxy_token is None:
+            return {}
+        return {"Proxy-Authorization": f"Bearer {await self.proxy_token()}"}
+
+    async def _call(self, method: str, url: str, what: str, **kwargs: Any) -> Answer:
+        headers = {**(await self._headers()), **kwargs.pop("headers", {})}
+        return await fetch(self.ctx.session, method, url, what=what, headers=headers, **kwargs)
+
+    async def metadata(self) -> dict[str, Any]:
+        """The discovery document (once), with the config's overrides on top."""
+        async with self._metadata_lock:
+            if self._metadata is None:
+                self._metadata = {**await self._discover(), **{
+                    name: value for name in ("authorization_endpoint", "token_endpoint",
+                                             "device_authorization_endpoint", "revocation_endpoint")
+                    if (value := getattr(self.config, name)) is not None}}
+            return self._metadata
+
+    async def _discover(self) -> dict[str, Any]:
+        issuer = self.config.issuer.rstrip("/")
+        parts = urlsplit(issuer)
+        candidates = [f"{issuer}/.well-known/openid-configuration",
+                      # RFC 8414 §3: the well-known segment goes between the host and the path.
+                      f"{parts.scheme}://{parts.netloc}/.well-known/oauth-authorization-server{parts.path}"]
+        last: Exception | None = None
+        for url in candidates:
+            try:
+                document = json_object(await self._call("GET", url, f"reading {url}"), f"reading {url}")
+            except UpstreamError as exc:
+                last = exc
+                continue
+            if not isinstance(document.get("token_endpoint"), str) and self.config.token_endpoint is None:
+                raise ConfigProblem(f"{url} names no token_endpoint; set token_endpoint in profile {self.profile}")
+            return document
+        if self.config.token_endpoint is not None:
+            return {}  # everything needed is in the config
+        raise ConfigProblem(f"no discovery document for issuer {issuer} ({last}); set its endpoints in "
+                            f"profile {self.profile}")
+
+    async def _endpoint(self, name: str) -> str:
+        url = (await self.metadata()).get(name)
+        if not isinstance(url, str):
+            raise ConfigProblem(f"issuer {self.config.issuer} has no {name}; set it in profile {self.profile}")
+        return url
+
+    async def _client_auth(self, data: dict[str, str]) -> dict[str, str]:
+        """Add client authentication to a token-endpoint request; return the extra headers."""
+        if self.config.client_secret is None:
+            data["client_id"] = self.config.client_id  # public client: PKCE is its proof
+            return {}
+        methods = (await self.metadata()).get("token_endpoint_auth_methods_supported") or ["client_secret_basic"]
+        if "client_secret_basic" in methods or "client_secret_post" not in methods:
+            import base64
+
+            # RFC 6749 §2.3.1: both parts form-urlencoded before the Basic encoding.
+            pair = f"{quote(self.config.client_id, safe='')}:{quote(self.config.client_secret, safe='')}"
+            return {"Authorization": "Basic " + base64.b64encode(pair.encode()).decode()}
+        data.update(client_id=self.config.client_id, client_secret=self.config.client_secret)
+        return {}
+
+    async def _token_request(self, data: dict[str, str], what: str) -> tuple[dict, Answer]:
+        for name in ("audience", "resource"):
+            if getattr(self.config, name):
+                data[name] = getattr(self.config, name)
+        headers = await self._client_auth(data)
+        answer = await self._call("POST", await self._endpoint("token_endpoint"), what, data=data, headers=headers)
+        return json_object(answer, what), answer
+
+    def _served(self, body: dict, answer: Answer) -> IdToken:
+        """The token the profile serves, and how long it lives: a JWT by its own `exp` (and
+        `expires_in` for an access token); an opaque access token by `expires_in` alone."""
+        value = body.get(self.config.token)
+        if not isinstance(value, str) or not value:
+            raise UpstreamError(f"the issuer returned no {self.config.token} (scopes: {' '.join(self.config.scopes)})")
+        expires_in = body.get("expires_in") if self.config.token == "access_token" else None
+        try:
+            unverified_claims(value)
+        except MalformedToken:
+            if not isinstance(expires_in, (int, float)) or expires_in <= 0:
+                raise UpstreamError("the issuer returned an opaque access token without expires_in") from None
+            return IdToken.opaque(value, self.ctx.clock, float(expires_in))
+        return IdToken.received(value, self.ctx.clock, answer.server_date,
+                                float(expires_in) if isinstance(expires_in, (int, float)) else None)
+
+    # -- tokens ----------------------------------------------------------------------------------
+
+    async def fetch(self, audience: str | None) -> IdToken:
+        if self.config.grant == "client_credentials":
+            body, answer = await self._token_request(
+                {"grant_type": "client_credentials", "scope": " ".join(self.config.scopes)}, "client credentials")
+            return self._served(body, answer)
+        record = self.store.get(self.key)
+        if not record or not record.get("refresh_token"):
+            raise LoginRequired((record or {}).get("login_reason") or "not logged in")
+        presented = record["refresh_token"]
+        try:
+            body, answer = await self._token_request({"grant_type": "refresh_token", "refresh_token": presented},
+                                                     "refreshing the token")
+        except LoginRequired as exc:
+            # Refused (revoked, expired, or a rotated token reused): a new login is needed. Clear
+            # only the token that was refused — a login may have stored a new one meanwhile.
+            if (self.store.get(self.key) or {}).get("refresh_token") == presented:
+                await self.store.update(self.key, refresh_token=None, login_reason=exc.message)
+            raise
+        if body.get("refresh_token") and body["refresh_token"] != presented:
+            # Rotation: the old token is spent. The new one is on disk before anything is served.
+            await self.store.update(self.key, refresh_token=body["refresh_token"])
+        return self._served(body, answer)
+
+    # -- logging in (authorization code + PKCE, through iapd.login) ------------------------------
+
+    async def prepare_login(self) -> None:
+        if self.config.grant == "client_credentials":
+            raise ConfigProblem(f"profile {self.profile} uses client credentials: there is nothing to log in to")
+        await self.metadata()
+
+    def redirect(self) -> tuple[int, str]:
+        """(port, path) of the loopback redirect: the configured one, else an ephemeral port."""
+        if self.config.redirect_uri is None:
+            return 0, "/oauth2/callback"
+        parts = urlsplit(self.config.redirect_uri)
+        return parts.port or 0, parts.path or "/"
+
+    async def authorization_url(self, redirect_uri: str, state: str, challenge: str) -> str:
+        params = {"client_id": self.config.client_id, "redirect_uri": redirect_uri, "response_type": "code",
+                  "scope": " ".join(self.config.scopes), "state": state, "code_challenge": challenge,
+                  "code_challenge_method": "S256"}
+        return f"{await self._endpoint('authorization_endpoint')}?{urlencode(params)}"
+
+    async def exchange_code(self, code: str, redirect_uri: str, verifier: str) -> str:
+        body, _ = await self._token_request({"grant_type": "authorization_code", "code": code,
+                                             "redirect_uri": redirect_uri, "code_verifier": verifier},
+                                            "completing the login")
+        return await self._save_login(body)
+
+    async def _save_login(self, body: dict) -> str:
+        if not body.get("refresh_token"):
+            raise UpstreamError("the issuer returned no refresh token (is `offline_access` in scopes?)")
+        try:
+            claims = unverified_claims(body.get("id_token", ""))
+        except MalformedToken:
+            claims = {}
+        email = claims.get("email") or claims.get("preferred_username") or claims.get("sub")
+        previous = (self.store.get(self.key) or {}).get("refresh_token")
+        await self.store.put(self.key, {"refresh_token": body["refresh_token"], "email": email,
+                                        "client_id": self.config.client_id})
+        if previous and previous != body["refresh_token"]:
+            await self._revoke(previous)
+        return email or "(unknown account)"
+
+    # -- the device grant (RFC 8628) -------------------------------------------------------------
+
+    async def start_device(self) -> dict[str, Any]:
+        data = {"scope": " ".join(self.config.scopes)}
+        headers = await self._client_auth(data)
+        url = await self._endpoint("device_authorization_endpoint")
+        answer = await self._call("POST", url, "starting the device login", data=data, headers=headers)
+        return json_object(answer, "starting the device login")
+
+    async def poll_device(self, device: dict[str, Any], deadline: float, sleep=asyncio.sleep) -> str:
+        """Poll until the person approved: `authorization_pending` waits the interval,
+        `slow_down` adds 5 seconds to it (RFC 8628 §3.5), anything else ends the login."""
+        interval = float(device.get("interval") or 5)
+        loop = asyncio.get_running_loop()
+        while True:
+            await sleep(interval)
+            if loop.time() > deadline:
+                raise LoginRequired("the device code expired before it was approved")
+            data = {"grant_type": "urn:ietf:params:oauth:grant-type:device_code", "device_code": device["device_code"]}
+            headers = await self._client_auth(data)
+            try:
+                answer = await self._call("POST", await self._endpoint("token_endpoint"), "completing the device login",
+                                          data=data, headers=headers)
+            except UpstreamError as exc:
+                if "authorization_pending" in exc.message:
+                    continue
+                if "slow_down" in exc.message:
+                    interval += 5
+                    continue
+                raise
+            return await self._save_login(json_object(answer, "completing the device login"))
+
+    # -- logging out -----------------------------------------------------------------------------
+
+    async def _revoke(self, token: str) -> str | None:
+        url = (await self.metadata()).get("revocation_endpoint")
+        if not isinstance(url, str):
+            return "the issuer has no revocation endpoint"
+        data = {"token": token, "token_type_hint": "refresh_token"}
+        headers = {**(await self._headers()), **(await self._client_auth(data))}
+        return await revoke(self.ctx.session, url, token, data=data, headers=headers)
+
+    async def logout(self) -> dict[str, Any]:
+        record = self.store.get(self.key)
+        result: dict[str, Any] = {"credential": self.key, "email": record.get("email") if record else None,
+                                  "revoked": False, "wiped": False}
+        if record and record.get("refresh_token"):
+            try:
+                error = await self._revoke(record["refresh_token"])
+            except (ConfigProblem, UpstreamError) as exc:
+                error = exc.message
+            result["revoked"] = error is None
+            if error is not None:
+                result["revoke_error"] = error
+        result["wiped"] = await self.store.delete(self.key)
+        return result
+

@@ -1,0 +1,176 @@
+"""Any OpenID Connect issuer, from the same agent: the emulator's generic issuer (not Google-
+shaped) end to end over the socket, with `iapctl` as a subprocess."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import time
+
+import pytest
+import requests
+
+from conftest import start_emulator, stop_process, wait_for
+from iapd.jwt import unverified_claims
+from test_client import CURL_BROWSER, IAPCTL, failed, iapctl
+
+
+def oidc_config(emulator, tmp_path, body: str, name: str = "oidc.toml") -> "Path":
+    path = tmp_path / name
+    path.write_text(emulator.config_path.read_text() + body.replace("@ISSUER@", emulator.url("oidc_issuer")))
+    return path
+
+
+def bot_profile(emulator, name: str = "bot") -> str:
+    secret = emulator.state()["oidc"]["client_secrets"]["ci-bot"]
+    return (f'\n[profiles.{name}.oidc]\nissuer = "@ISSUER@"\nclient_id = "ci-bot"\nclient_secret = "{secret}"\n'
+            'grant = "client_credentials"\nscopes = ["api"]\ntoken = "access_token"\naudience = "kubeflow"\n')
+
+
+KF = '''
+[profiles.kf.oidc]
+issuer = "@ISSUER@"
+client_id = "kubeflow-cli"
+scopes = ["openid", "email", "offline_access"]
+'''
+
+
+def env_of(daemon, tmp_path, **extra) -> dict:
+    return {**daemon.env, "IAPD_AUTOSTART": "0", "IAPD_AUTO_LOGIN": "0", "XDG_STATE_HOME": str(tmp_path / "cs"),
+            "DISPLAY": "", **extra}
+
+
+@pytest.mark.parametrize("methods", [["client_secret_basic", "client_secret_post"], ["client_secret_post"]])
+def test_client_credentials_with_the_auth_method_discovery_offers(daemon_factory, emulator, tmp_path, methods):
+    emulator._post("oidc", {"auth_methods": methods})
+    daemon = daemon_factory(config=oidc_config(emulator, tmp_path, bot_profile(emulator)), name="cc")
+    env = env_of(daemon, tmp_path)
+    first = iapctl("token", "bot", env=env)
+    assert first.returncode == 0 and first.stdout.startswith("opaque-"), first.stderr
+    assert iapctl("token", "bot", env=env).stdout == first.stdout  # served from the cache
+    assert emulator.counters()["oidc_token"] == 1
+    status = daemon.profile_status("bot")
+    assert status["state"] == "ready" and 3500 < status["expires_in"] <= 3600  # from expires_in: it is opaque
+    assert status["identity"] == "client ci-bot" and status["mode"] == "oidc"
+
+
+def test_authorization_code_with_pkce_then_rotation_with_reuse_detection(daemon_factory, emulator, tmp_path):
+    daemon = daemon_factory(config=oidc_config(emulator, tmp_path, KF), name="kf")
+    env = env_of(daemon, tmp_path)
+    login = iapctl("login", "kf", env={**env, "BROWSER": CURL_BROWSER})
+    assert login.returncode == 0 and login.stdout == "Logged in as alice@example.com (profile kf).\n", login.stderr
+    claims = unverified_claims(iapctl("token", "kf", env=env).stdout.strip())
+    assert claims["iss"] == emulator.url("oidc_issuer") and claims["aud"] == "kubeflow-cli"
+    store = daemon.state_dir / "credentials.json"
+    key = f"oidc:{emulator.url('oidc_issuer')}:kubeflow-cli"
+    first_rt = json.loads(store.read_text())["credentials"][key]["refresh_token"]
+    daemon.set_clock(3600)  # the ID token is over: a refresh, which rotates the refresh token
+    assert iapctl("token", "kf", env=env).returncode == 0
+    rotated = json.loads(store.read_text())["credentials"][key]["refresh_token"]
+    assert rotated != first_rt  # the new one was stored
+    # Someone replays the spent refresh token: the issuer revokes the whole family.
+    secretless = {"grant_type": "refresh_token", "client_id": "kubeflow-cli", "refresh_token": first_rt}
+    assert requests.post(emulator.url("oidc_issuer") + "/token", data=secretless, timeout=10).status_code == 400
+    calls = emulator.counters()["oidc_token"]
+    daemon.set_clock(7200)
+    for _ in range(3):
+        failed(iapctl("token", "kf", env=env), 4, "login required for profile kf", "iapctl login kf")
+    assert emulator.counters()["oidc_token"] == calls + 1  # one refusal, then no retry storm
+
+
+def test_device_grant_prints_the_code_and_completes_when_approved(daemon_factory, emulator, tmp_path):
+    emulator._post("oidc", {"device_interval": 1})
+    body = KF.replace("[profiles.kf.oidc]", "[profiles.tv.oidc]") + 'grant = "device_code"\n'
+    daemon = daemon_factory(config=oidc_config(emulator, tmp_path, body), name="dev")
+    proc = subprocess.Popen([IAPCTL, "login", "tv"], env=env_of(daemon, tmp_path), stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        said = ""
+        while "enter the code" not in said:
+            line = proc.stderr.readline()
+            assert line, said
+            said += line
+        page = re.search(r"(http://\S+/device\?user_code=\S+)", said).group(1)
+        code = re.search(r"enter the code (\d{4}-\d{4})", said).group(1)
+        assert code in page
+        assert requests.get(page, timeout=10).status_code == 200  # the person approves on their phone
+        out, err = proc.communicate(timeout=30)
+    finally:
+        stop_process(proc)
+    assert proc.returncode == 0 and out == "Logged in as alice@example.com (profile tv).\n", err
+    assert unverified_claims(iapctl("token", "tv", env=env_of(daemon, tmp_path)).stdout.strip())["aud"] == "kubeflow-cli"
+
+
+def test_logout_revokes_at_the_issuer(daemon_factory, emulator, tmp_path):
+    daemon = daemon_factory(config=oidc_config(emulator, tmp_path, KF), name="out")
+    env = env_of(daemon, tmp_path)
+    assert iapctl("login", "kf", env={**env, "BROWSER": CURL_BROWSER}).returncode == 0
+    live = emulator.state()["oidc"]["live_refresh_tokens"]
+    out = iapctl("logout", "kf", env=env)
+    assert out.returncode == 0 and "revoked at the issuer" in out.stdout, out.stdout
+    assert emulator.state()["oidc"]["live_refresh_tokens"] == live - 1
+
+
+def test_an_issuer_behind_iap_is_reached_via_another_profiles_token(emulator, daemon_factory, tmp_path):
+    """flyteadmin's authorization server behind IAP: every request to the issuer carries
+    Proxy-Authorization from the `via` profile — one agent, both tokens, no double login."""
+    front = start_emulator(tmp_path / "front", "--backend", emulator.info["secret_manager_url"])  # IAP → the issuer
+    try:
+        secret = emulator.state()["oidc"]["client_secrets"]["ci-bot"]
+        config = tmp_path / "via.toml"
+        config.write_text(front.config_path.read_text() + f'''
+[profiles.flyte.oidc]
+issuer = "{front.url('iap_url')}/oidc"
+client_id = "ci-bot"
+client_secret = "{secret}"
+grant = "client_credentials"
+scopes = ["all"]
+token = "access_token"
+via = "demo-sa"
+''')
+        daemon = daemon_factory(config=config, name="via")
+        out = iapctl("token", "flyte", env=env_of(daemon, tmp_path))
+        assert out.returncode == 0 and out.stdout.startswith("opaque-"), out.stderr
+        assert front.counters()["iap_admitted"] >= 2  # discovery and token, both through IAP
+        assert emulator.counters()["oidc_token"] == 1
+        # Without `via`, IAP stops it at the door.
+        direct = daemon.config.read_text().split("[profiles.flyte.oidc]")[1].replace('via = "demo-sa"\n', "")
+        with open(daemon.config, "a") as fh:
+            fh.write("\n[profiles.direct.oidc]" + direct)
+        assert daemon.request("POST", "/v1/reload").json()["reloaded"]
+        failed(iapctl("token", "direct", env=env_of(daemon, tmp_path)), 5, "no discovery document")
+    finally:
+        stop_process(front.proc)
+
+
+def test_the_config_refuses_a_via_loop_and_a_missing_profile(tmp_path):
+    from iapd.config import ConfigError, load_config
+
+    base = '[profiles.a.oidc]\nissuer = "https://a.example"\nclient_id = "a"\nvia = "{via}"\n'
+    path = tmp_path / "c.toml"
+    path.write_text(base.format(via="nope"))
+    with pytest.raises(ConfigError, match="no profile named 'nope'"):
+        load_config(path)
+    path.write_text(base.format(via="b") + base.format(via="a").replace("profiles.a", "profiles.b"))
+    with pytest.raises(ConfigError, match="is a loop"):
+        load_config(path)
+
+
+def test_token_formats_for_kubectl_and_other_callers(daemon_factory, emulator, tmp_path):
+    import datetime
+
+    daemon = daemon_factory(config=oidc_config(emulator, tmp_path, bot_profile(emulator)), name="fmt")
+    env = env_of(daemon, tmp_path)
+    plain = iapctl("token", "bot", env=env).stdout.strip()
+    assert iapctl("token", "bot", "--format", "header", env=env).stdout == f"Bearer {plain}\n"
+    as_json = json.loads(iapctl("token", "bot", "--format", "json", env=env).stdout)
+    assert as_json["token"] == plain and as_json["profile"] == "bot"
+    cred = json.loads(iapctl("token", "bot", "--format", "exec-credential", env=env).stdout)
+    # client.authentication.k8s.io/v1 ExecCredential, as kubectl's exec plugins return it
+    assert cred["apiVersion"] == "client.authentication.k8s.io/v1" and cred["kind"] == "ExecCredential"
+    assert set(cred["status"]) == {"token", "expirationTimestamp"} and cred["status"]["token"] == plain
+    expiry = datetime.datetime.strptime(cred["status"]["expirationTimestamp"], "%Y-%m-%dT%H:%M:%SZ")
+    left = expiry.replace(tzinfo=datetime.timezone.utc).timestamp() - time.time()
+    assert 3000 < left <= 3600
+    failed(iapctl("token", "nope", "--format", "json", env=env), 5, "no profile named 'nope'")
