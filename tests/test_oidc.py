@@ -174,3 +174,65 @@ def test_token_formats_for_kubectl_and_other_callers(daemon_factory, emulator, t
     left = expiry.replace(tzinfo=datetime.timezone.utc).timestamp() - time.time()
     assert 3000 < left <= 3600
     failed(iapctl("token", "nope", "--format", "json", env=env), 5, "no profile named 'nope'")
+
+
+def test_the_flytekit_plugin_through_flytekits_own_get_authenticator(daemon, emulator, monkeypatch):
+    from flytekit.clients.auth_helper import get_authenticator
+    from flytekit.configuration import PlatformConfig
+
+    for key in ("IAPD_SOCKET", "IAPD_CONFIG"):
+        monkeypatch.setenv(key, daemon.env[key])
+    monkeypatch.setenv("IAPD_AUTOSTART", "0")
+    cfg = PlatformConfig(endpoint="dns:///flyte.example.com", auth_mode="iapd", command=["iapctl", "token", "demo-sa"])
+    auth = get_authenticator(cfg, None)  # found through the flytekit.auth entry point
+    assert type(auth).__name__ == "IapdAuthenticator"
+    auth.refresh_credentials()  # in process: a request on the socket, no subprocess
+    key, value = auth.fetch_grpc_call_auth_metadata()
+    assert key == "authorization" and value.startswith("Bearer ")
+    assert unverified_claims(value[7:])["email"] == "demo-ci@iapd-demo.iam.gserviceaccount.com"
+    cfg = PlatformConfig(endpoint="dns:///flyte.example.com", auth_mode="iapd", command=["iapctl", "token", "nope"])
+    from flytekit.clients.auth.exceptions import AuthenticationError
+
+    with pytest.raises(AuthenticationError, match="no profile named 'nope'"):
+        get_authenticator(cfg, None).refresh_credentials()
+
+
+def test_flyte_behind_iap_without_the_double_login(emulator, daemon_factory, tmp_path, monkeypatch):
+    """proxyCommand (IAP's token) and ExternalCommand (flyteadmin's, fetched through IAP with the
+    first) both from iapd, through flytekit's own authenticators."""
+    from flytekit.clients.auth_helper import get_authenticator, get_proxy_authenticator
+    from flytekit.configuration import PlatformConfig
+
+    front = start_emulator(tmp_path / "front", "--backend", emulator.info["secret_manager_url"])
+    try:
+        secret = emulator.state()["oidc"]["client_secrets"]["ci-bot"]
+        config = tmp_path / "flyte.toml"
+        config.write_text(front.config_path.read_text().replace("[profiles.demo-sa", "[profiles.flyte-iap") + f'''
+[profiles.flyte.oidc]
+issuer = "{front.url('iap_url')}/oidc"
+client_id = "ci-bot"
+client_secret = "{secret}"
+grant = "client_credentials"
+scopes = ["all"]
+token = "access_token"
+via = "flyte-iap"
+''')
+        daemon = daemon_factory(config=config, name="flyte")
+        for key in ("IAPD_SOCKET", "IAPD_CONFIG"):
+            monkeypatch.setenv(key, daemon.env[key])
+        monkeypatch.setenv("IAPD_AUTOSTART", "0")
+        cfg = PlatformConfig(endpoint="dns:///flyte.example.com", auth_mode="ExternalCommand",
+                             command=[IAPCTL, "token", "flyte"], proxy_command=[IAPCTL, "token", "flyte-iap"])
+        admin, proxy = get_authenticator(cfg, None), get_proxy_authenticator(cfg)
+        admin.refresh_credentials()
+        proxy.refresh_credentials()
+        assert admin.fetch_grpc_call_auth_metadata()[1].startswith("Bearer opaque-")
+        header, value = proxy.fetch_grpc_call_auth_metadata()
+        assert header == "proxy-authorization"
+        through = requests.get(front.url("iap_url") + "/oidc/.well-known/openid-configuration", timeout=10,
+                               headers={"Proxy-Authorization": value,
+                                        "Authorization": admin.fetch_grpc_call_auth_metadata()[1]})
+        assert through.status_code == 200  # IAP let it through; flyteadmin's token rode along
+        assert front.counters()["iap_admitted"] >= 3 and emulator.counters()["oidc_token"] == 1
+    finally:
+        stop_process(front.proc)
