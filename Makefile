@@ -14,7 +14,16 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[test]'
 	touch $(STAMP)
 
-test: $(STAMP)
+# The independent OpenID Provider the tests also run against (node-oidc-provider, from npm);
+# without node and npm those tests are skipped, and say so.
+OP_STAMP := tests/oidc_provider/node_modules/.package-lock.json
+
+$(OP_STAMP): tests/oidc_provider/package-lock.json
+	@if command -v npm >/dev/null 2>&1; then \
+		cd tests/oidc_provider && npm ci --no-audit --no-fund --loglevel=error; \
+	else echo "npm not found: the tests against an independent OpenID Provider will be skipped"; fi
+
+test: $(STAMP) $(OP_STAMP)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 demo: $(STAMP)

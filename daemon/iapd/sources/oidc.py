@@ -189,6 +189,8 @@ class OidcCredential:
         params = {"client_id": self.config.client_id, "redirect_uri": redirect_uri, "response_type": "code",
                   "scope": " ".join(self.config.scopes), "state": state, "code_challenge": challenge,
                   "code_challenge_method": "S256"}
+        if "offline_access" in self.config.scopes:
+            params["prompt"] = "consent"  # OIDC Core §11: offline access is granted on consent
         return f"{await self._endpoint('authorization_endpoint')}?{urlencode(params)}"
 
     async def exchange_code(self, code: str, redirect_uri: str, verifier: str) -> str:
