@@ -236,3 +236,18 @@ via = "flyte-iap"
         assert front.counters()["iap_admitted"] >= 3 and emulator.counters()["oidc_token"] == 1
     finally:
         stop_process(front.proc)
+
+
+def test_kubeflow_behind_an_oauth2_proxy_like_gateway(daemon_factory, emulator, tmp_path):
+    """Programmatic access to Kubeflow: the issuer's ID token as a bearer, which the gateway
+    verifies (JWKS signature, iss, aud, exp) — no scraped session cookie."""
+    daemon = daemon_factory(config=oidc_config(emulator, tmp_path, KF), name="gw")
+    env = env_of(daemon, tmp_path)
+    assert iapctl("login", "kf", env={**env, "BROWSER": CURL_BROWSER}).returncode == 0
+    header = iapctl("token", "kf", "--format", "header", env=env).stdout.strip()
+    app = requests.get(emulator.url("gateway_url") + "/pipeline/apis/v2beta1/runs", headers={"Authorization": header},
+                       timeout=10)
+    assert app.status_code == 200 and app.json()["headers"]["X-Auth-Request-Email"] == "alice@example.com"
+    assert requests.get(emulator.url("gateway_url"), timeout=10).status_code == 401
+    forged = header[:-4] + ("AAAA" if not header.endswith("AAAA") else "BBBB")
+    assert requests.get(emulator.url("gateway_url"), headers={"Authorization": forged}, timeout=10).status_code == 401

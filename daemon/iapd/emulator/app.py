@@ -19,6 +19,7 @@ from aiohttp import web
 
 from iapd.emulator import gcp, issuer, oauth
 from iapd.emulator.files import write_demo_files
+from iapd.emulator.gateway import Gateway, make_gateway_app
 from iapd.emulator.iap import IAPProxy, make_backend_app, make_iap_app
 from iapd.emulator.state import (
     DEMO_SA_EMAIL, DESKTOP_CLIENT_ID, IAP_CLIENT_ID, METADATA_SA_EMAIL, PROJECT, EmulatorState,
@@ -177,6 +178,7 @@ class EmulatorURLs:
     base: str
     iap: str
     backend: str
+    gateway: str
 
     def as_dict(self) -> dict[str, str]:
         b = self.base
@@ -196,6 +198,7 @@ class EmulatorURLs:
             "oidc_issuer": f"{b}{issuer.PREFIX}",
             "iap_url": self.iap,
             "backend_url": self.backend,
+            "gateway_url": self.gateway,  # oauth2-proxy-like, trusting the /oidc issuer's ID tokens
         }
 
 
@@ -226,7 +229,8 @@ class Emulator:
         proxy = IAPProxy(self.state, f"{base}/oauth2/v1/certs", backend,
                          [IAP_CLIENT_ID, *sorted(self.state.allowlisted_clients)])
         iap = await self._serve(make_iap_app(proxy), self.iap_port)
-        self.urls = EmulatorURLs(base, iap, backend)
+        gateway = Gateway(self.state.issuer, f"{base}{issuer.PREFIX}", ["kubeflow-cli"], backend)
+        self.urls = EmulatorURLs(base, iap, backend, await self._serve(make_gateway_app(gateway), 0))
         return self
 
     async def stop(self) -> None:
