@@ -80,7 +80,7 @@ def test_authorization_code_with_pkce_then_rotation_with_reuse_detection(daemon_
 
 
 def test_device_grant_prints_the_code_and_completes_when_approved(daemon_factory, emulator, tmp_path):
-    emulator._post("oidc", {"device_interval": 1})
+    emulator._post("oidc", {"device_interval": 1, "slow_down_polls": 1})  # the first poll is told to slow down
     body = KF.replace("[profiles.kf.oidc]", "[profiles.tv.oidc]") + 'grant = "device_code"\n'
     daemon = daemon_factory(config=oidc_config(emulator, tmp_path, body), name="dev")
     proc = subprocess.Popen([IAPCTL, "login", "tv"], env=env_of(daemon, tmp_path), stdin=subprocess.DEVNULL,
@@ -100,6 +100,8 @@ def test_device_grant_prints_the_code_and_completes_when_approved(daemon_factory
         stop_process(proc)
     assert proc.returncode == 0 and out == "Logged in as alice@example.com (profile tv).\n", err
     assert unverified_claims(iapctl("token", "tv", env=env_of(daemon, tmp_path)).stdout.strip())["aud"] == "kubeflow-cli"
+    gaps = emulator.state()["oidc"]["device_poll_gaps"]
+    assert gaps and gaps[0] >= 5.9, gaps  # after slow_down: the interval (1 s) grew by 5 s
 
 
 def test_logout_revokes_at_the_issuer(daemon_factory, emulator, tmp_path):

@@ -101,7 +101,9 @@ async def control_get(request: web.Request) -> web.Response:
         "oidc": {"user": state.issuer.user, "token_lifetime": state.issuer.token_lifetime,
                  "auth_methods": state.issuer.auth_methods, "device_interval": state.issuer.device_interval,
                  "client_secrets": {c.client_id: c.secret for c in state.issuer.clients.values() if c.secret},
-                 "live_refresh_tokens": len(state.issuer.refresh)},
+                 "live_refresh_tokens": len(state.issuer.refresh),
+                 "device_poll_gaps": [round(b - a, 2) for a, b in zip(state.issuer.device_polls,
+                                                                      state.issuer.device_polls[1:])]},
     })
 
 
@@ -126,9 +128,10 @@ async def control_post(request: web.Request) -> web.Response:
         elif action == "clear_faults":
             state.faults.clear()
         elif action == "oidc":
-            for key in ("user", "token_lifetime", "auth_methods", "device_interval"):
+            for key in ("user", "token_lifetime", "auth_methods", "device_interval", "slow_down_polls"):
                 if key in body:
                     setattr(state.issuer, key, body[key])
+            state.issuer.device_polls.clear()
         elif action == "rotate_client_secret":
             state.rotate_client_secret()
         elif action == "reset_counters":

@@ -60,6 +60,8 @@ class IssuerState:
     token_lifetime: int = 3600
     auth_methods: list[str] = field(default_factory=lambda: ["client_secret_basic", "client_secret_post"])
     device_interval: int = 5  # seconds between device-grant polls (RFC 8628's default)
+    slow_down_polls: int = 0  # answer this many device-grant polls with slow_down, however spaced
+    device_polls: list[float] = field(default_factory=list)  # when each poll came (for tests)
     key: SigningKey = field(default_factory=lambda: SigningKey.generate("oidc"))
     clients: dict[str, Client] = field(default_factory=dict)
     codes: dict[str, tuple[Grant, str, str, float]] = field(default_factory=dict)  # code -> grant, redirect, challenge, exp
@@ -223,11 +225,13 @@ async def token(request: web.Request) -> web.Response:
         if device is None or device.client_id != client.client_id:
             return _error("invalid_grant", "unknown device code")
         now = time.time()
+        state.device_polls.append(now)
         if device.expires < now:
             return _error("expired_token", "the device code expired")
         too_soon = now - device.last_poll < device.interval - 0.05
         device.last_poll = now
-        if too_soon:
+        if too_soon or state.slow_down_polls > 0:
+            state.slow_down_polls = max(state.slow_down_polls - 1, 0)
             device.interval += 5  # RFC 8628 §3.5: slow down by 5 seconds
             return _error("slow_down", "polling too fast")
         if not device.approved:
