@@ -253,3 +253,81 @@ def test_kubeflow_behind_an_oauth2_proxy_like_gateway(daemon_factory, emulator, 
     assert requests.get(emulator.url("gateway_url"), timeout=10).status_code == 401
     forged = header[:-4] + ("AAAA" if not header.endswith("AAAA") else "BBBB")
     assert requests.get(emulator.url("gateway_url"), headers={"Authorization": forged}, timeout=10).status_code == 401
+
+
+@pytest.mark.skipif(__import__("shutil").which("kubectl") is None, reason="kubectl is not installed")
+def test_kubectl_takes_its_credential_from_iapctl(daemon_factory, emulator, tmp_path):
+    """kubectl's exec credential plugin is `iapctl token P --format exec-credential`, against a
+    stub API server that records what kubectl sends."""
+    import http.server
+    import ssl
+    import threading
+
+    daemon = daemon_factory(config=oidc_config(emulator, tmp_path, bot_profile(emulator)), name="kube")
+    seen: list[str] = []
+
+    class APIServer(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - http.server's naming
+            seen.append(self.headers.get("Authorization", ""))
+            body = json.dumps({"major": "1", "minor": "30", "gitVersion": "v1.30.0"}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    # client-go runs exec plugins only for TLS servers: a self-signed certificate for 127.0.0.1.
+    cert, key = self_signed_certificate(tmp_path)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), APIServer)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(json.dumps({
+        "apiVersion": "v1", "kind": "Config", "current-context": "c",
+        "clusters": [{"name": "k", "cluster": {"server": f"https://127.0.0.1:{server.server_address[1]}",
+                                               "certificate-authority": str(cert)}}],
+        "contexts": [{"name": "c", "context": {"cluster": "k", "user": "me"}}],
+        "users": [{"name": "me", "user": {"exec": {
+            "apiVersion": "client.authentication.k8s.io/v1", "command": IAPCTL,
+            "args": ["token", "bot", "--format", "exec-credential"], "interactiveMode": "Never",
+            "env": [{"name": k, "value": daemon.env[k]} for k in ("IAPD_SOCKET", "IAPD_CONFIG")]}}}],
+    }))
+    try:
+        out = subprocess.run(["kubectl", "--kubeconfig", str(kubeconfig), "get", "--raw", "/version"],
+                             capture_output=True, text=True, timeout=60, env={"PATH": "/usr/bin:/bin",
+                                                                              "HOME": str(tmp_path)})
+    finally:
+        server.shutdown()
+    assert out.returncode == 0, out.stderr
+    token = iapctl("token", "bot", env=env_of(daemon, tmp_path)).stdout.strip()
+    assert seen and seen[-1] == f"Bearer {token}"
+
+
+def self_signed_certificate(folder) -> tuple:
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    from cryptography.x509.oid import NameOID
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(hours=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
+            .sign(key, hashes.SHA256()))
+    cert_path, key_path = folder / "api.crt", folder / "api.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
+                                           serialization.NoEncryption()))
+    return cert_path, key_path
