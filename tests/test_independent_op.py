@@ -15,7 +15,8 @@ import requests
 
 from conftest import stop_process
 from iapd.jwt import unverified_claims
-from test_client import failed, iapctl
+from test_client import IAPCTL, failed, iapctl
+from test_oidc import read_until
 
 OP_DIR = Path(__file__).parent / "oidc_provider"
 pytestmark = pytest.mark.skipif(shutil.which("node") is None or not (OP_DIR / "node_modules" / "oidc-provider").exists(),
@@ -90,15 +91,10 @@ def test_device_grant_against_an_independent_provider(op, emulator, daemon_facto
 
     daemon = daemon_factory(config=config_for(emulator, tmp_path, op), name="opdev")
     env = {**daemon.env, "IAPD_AUTOSTART": "0", "IAPD_AUTO_LOGIN": "0", "XDG_STATE_HOME": str(tmp_path / "cs")}
-    proc = subprocess.Popen([*iapctl_argv(), "login", "op", "--device"], env=env, stdin=subprocess.DEVNULL,
+    proc = subprocess.Popen([IAPCTL, "login", "op", "--device"], env=env, stdin=subprocess.DEVNULL,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
-        said = ""
-        while "enter the code" not in said:
-            line = proc.stderr.readline()
-            assert line, said
-            said += line
-        page = re.search(r"(http://\S+)", said).group(1)
+        page = re.search(r"(http://\S+)", read_until(proc.stderr, "enter the code")).group(1)
         # The person opens the page on their phone, confirms the code, signs in, consents.
         subprocess.run([sys.executable, str(OP_DIR / "person.py"), page], check=True, timeout=60)
         out, err = proc.communicate(timeout=60)
@@ -107,8 +103,3 @@ def test_device_grant_against_an_independent_provider(op, emulator, daemon_facto
     assert proc.returncode == 0 and out == "Logged in as alice@example.com (profile op).\n", err
     assert unverified_claims(iapctl("token", "op", env=env).stdout.strip())["aud"] == "public-cli"
 
-
-def iapctl_argv() -> list[str]:
-    from test_client import IAPCTL
-
-    return [IAPCTL]

@@ -36,6 +36,36 @@ scopes = ["openid", "email", "offline_access"]
 '''
 
 
+def read_until(stream, needle: str) -> str:
+    """What a process wrote on `stream` up to the line that holds `needle`."""
+    said = ""
+    while needle not in said:
+        line = stream.readline()
+        assert line, said
+        said += line
+    return said
+
+
+def behind_front_iap(emulator, tmp_path, via: str, sa_profile: str = "demo-sa"):
+    """flyteadmin's authorization server behind IAP: a second emulator whose IAP fronts the
+    first one's issuer, and a config with its Google profiles (the service account named
+    `sa_profile`) and `flyte`, reaching the issuer through that IAP with `via`."""
+    front = start_emulator(tmp_path / "front", "--backend", emulator.info["secret_manager_url"])
+    secret = emulator.state()["oidc"]["client_secrets"]["ci-bot"]
+    config = tmp_path / "flyte.toml"
+    config.write_text(front.config_path.read_text().replace("[profiles.demo-sa", f"[profiles.{sa_profile}") + f'''
+[profiles.flyte.oidc]
+issuer = "{front.url('iap_url')}/oidc"
+client_id = "ci-bot"
+client_secret = "{secret}"
+grant = "client_credentials"
+scopes = ["all"]
+token = "access_token"
+via = "{via}"
+''')
+    return front, config
+
+
 def env_of(daemon, tmp_path, **extra) -> dict:
     return {**daemon.env, "IAPD_AUTOSTART": "0", "IAPD_AUTO_LOGIN": "0", "XDG_STATE_HOME": str(tmp_path / "cs"),
             "DISPLAY": "", **extra}
@@ -86,11 +116,7 @@ def test_device_grant_prints_the_code_and_completes_when_approved(daemon_factory
     proc = subprocess.Popen([IAPCTL, "login", "tv"], env=env_of(daemon, tmp_path), stdin=subprocess.DEVNULL,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
-        said = ""
-        while "enter the code" not in said:
-            line = proc.stderr.readline()
-            assert line, said
-            said += line
+        said = read_until(proc.stderr, "enter the code")
         page = re.search(r"(http://\S+/device\?user_code=\S+)", said).group(1)
         code = re.search(r"enter the code (\d{4}-\d{4})", said).group(1)
         assert code in page
@@ -117,20 +143,8 @@ def test_logout_revokes_at_the_issuer(daemon_factory, emulator, tmp_path):
 def test_an_issuer_behind_iap_is_reached_via_another_profiles_token(emulator, daemon_factory, tmp_path):
     """flyteadmin's authorization server behind IAP: every request to the issuer carries
     Proxy-Authorization from the `via` profile — one agent, both tokens, no double login."""
-    front = start_emulator(tmp_path / "front", "--backend", emulator.info["secret_manager_url"])  # IAP → the issuer
+    front, config = behind_front_iap(emulator, tmp_path, via="demo-sa")
     try:
-        secret = emulator.state()["oidc"]["client_secrets"]["ci-bot"]
-        config = tmp_path / "via.toml"
-        config.write_text(front.config_path.read_text() + f'''
-[profiles.flyte.oidc]
-issuer = "{front.url('iap_url')}/oidc"
-client_id = "ci-bot"
-client_secret = "{secret}"
-grant = "client_credentials"
-scopes = ["all"]
-token = "access_token"
-via = "demo-sa"
-''')
         daemon = daemon_factory(config=config, name="via")
         out = iapctl("token", "flyte", env=env_of(daemon, tmp_path))
         assert out.returncode == 0 and out.stdout.startswith("opaque-"), out.stderr
@@ -205,20 +219,8 @@ def test_flyte_behind_iap_without_the_double_login(emulator, daemon_factory, tmp
     from flytekit.clients.auth_helper import get_authenticator, get_proxy_authenticator
     from flytekit.configuration import PlatformConfig
 
-    front = start_emulator(tmp_path / "front", "--backend", emulator.info["secret_manager_url"])
+    front, config = behind_front_iap(emulator, tmp_path, via="flyte-iap", sa_profile="flyte-iap")
     try:
-        secret = emulator.state()["oidc"]["client_secrets"]["ci-bot"]
-        config = tmp_path / "flyte.toml"
-        config.write_text(front.config_path.read_text().replace("[profiles.demo-sa", "[profiles.flyte-iap") + f'''
-[profiles.flyte.oidc]
-issuer = "{front.url('iap_url')}/oidc"
-client_id = "ci-bot"
-client_secret = "{secret}"
-grant = "client_credentials"
-scopes = ["all"]
-token = "access_token"
-via = "flyte-iap"
-''')
         daemon = daemon_factory(config=config, name="flyte")
         for key in ("IAPD_SOCKET", "IAPD_CONFIG"):
             monkeypatch.setenv(key, daemon.env[key])
