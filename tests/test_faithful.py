@@ -7,8 +7,6 @@ emulator test holds it to a behaviour Google documents (see the README's "how fa
 from __future__ import annotations
 
 import asyncio
-import json
-import os
 import signal
 import subprocess
 import threading

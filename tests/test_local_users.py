@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -281,8 +282,7 @@ def test_a_browser_never_writes_into_our_stdout(daemon, tmp_path):
     assert "Opening in existing" not in out.stderr and "gio:" not in out.stderr
 
 
-def serve_once(path: Path, answer) -> tuple[socket.socket, "threading.Thread"]:
-    import threading
+def serve_once(path: Path, answer) -> tuple[socket.socket, threading.Thread]:
 
     server = socket.socket(socket.AF_UNIX)
     server.bind(str(path))

@@ -7,16 +7,17 @@ import json
 import re
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 import requests
 
-from conftest import start_emulator, stop_process, wait_for
+from conftest import start_emulator, stop_process
 from iapd.jwt import unverified_claims
 from test_client import CURL_BROWSER, IAPCTL, failed, iapctl
 
 
-def oidc_config(emulator, tmp_path, body: str, name: str = "oidc.toml") -> "Path":
+def oidc_config(emulator, tmp_path, body: str, name: str = "oidc.toml") -> Path:
     path = tmp_path / name
     path.write_text(emulator.config_path.read_text() + body.replace("@ISSUER@", emulator.url("oidc_issuer")))
     return path

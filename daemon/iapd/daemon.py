@@ -14,7 +14,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 
 from iapd.agent import Agent, default_state_dir
 from iapd.config import ConfigError, load_config
-from iapd.fsutil import UnsafePath
+from iapctl.paths import UnsafePath
 from iapd.google_http import new_session
 from iapd.clock import Clock
 from iapd.guard import MAX_HEADER_FIELD, Gate, GuardedSite, unix_peer_uid

@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from iapctl.paths import UnsafePath, ensure_private_dir  # noqa: F401  (one rule for client and daemon)
 
 
 def atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:

@@ -34,7 +34,7 @@ from aiohttp import web
 
 from iapd.agent import Agent
 from iapd.errors import BadRequest, IapdError, without_message
-from iapd.fsutil import UnsafePath, ensure_private_dir
+from iapctl.paths import UnsafePath, ensure_private_dir
 
 log = logging.getLogger("iapd.server")
 AGENT = web.AppKey("agent", Agent)

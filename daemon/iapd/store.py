@@ -16,7 +16,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from iapd.fsutil import atomic_write, ensure_private_dir
+from iapctl.paths import ensure_private_dir
+from iapd.fsutil import atomic_write
 
 log = logging.getLogger("iapd.store")
 VERSION = 1

@@ -11,7 +11,7 @@ from typing import Any
 from urllib.parse import urlencode
 
 from iapd.config import UserSource as UserConfig
-from iapd.errors import BadRequest, IapdError, LoginRequired, UpstreamError
+from iapd.errors import BadRequest, LoginRequired, UpstreamError
 from iapd.google_http import fetch, json_object, request_json, revoke
 from iapd.jwt import MalformedToken, unverified_claims
 from iapd.secret_manager import read_secret
