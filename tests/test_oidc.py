@@ -334,3 +334,12 @@ def self_signed_certificate(folder) -> tuple:
     key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
                                            serialization.NoEncryption()))
     return cert_path, key_path
+
+
+def test_an_issuer_without_openid_discovery_is_found_by_rfc_8414(daemon_factory, emulator, tmp_path):
+    plain = bot_profile(emulator).replace('issuer = "@ISSUER@"', f'issuer = "{emulator.url("secret_manager_url")}/oauth-only"')
+    daemon = daemon_factory(config=oidc_config(emulator, tmp_path, plain), name="8414")
+    out = iapctl("token", "bot", env=env_of(daemon, tmp_path))
+    assert out.returncode == 0 and out.stdout.startswith("opaque-"), out.stderr
+    counters = emulator.counters()
+    assert counters["oauth_metadata"] == 1 and counters.get("oidc_discovery", 0) == 0

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import secrets
 import time
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ from iapd.emulator.keys import SigningKey
 
 DEVICE_GRANT = "urn:ietf:params:oauth:grant-type:device_code"
 PREFIX = "/oidc"
+PLAIN_OAUTH_PREFIX = "/oauth-only"
 
 
 @dataclass
@@ -113,6 +115,15 @@ async def discovery(request: web.Request) -> web.Response:
         "id_token_signing_alg_values_supported": ["RS256"],
         "subject_types_supported": ["public"],
     })
+
+
+async def authorization_server_metadata(request: web.Request) -> web.Response:
+    """RFC 8414 metadata for a plain OAuth issuer, `/oauth-only`, that has no OpenID discovery
+    document: `/.well-known/oauth-authorization-server/oauth-only` (the well-known segment goes
+    between host and path). Its endpoints are the /oidc ones."""
+    document = json.loads((await discovery(request)).text)
+    base = issuer_url(request).removesuffix(PREFIX)
+    return web.json_response({**document, "issuer": f"{base}{PLAIN_OAUTH_PREFIX}"})
 
 
 async def jwks(request: web.Request) -> web.Response:
@@ -285,6 +296,8 @@ def add_routes(app: web.Application, state: IssuerState) -> None:
     r = app.router
     r.add_get(f"{PREFIX}/.well-known/openid-configuration", discovery, name="oidc_discovery")
     r.add_get(f"{PREFIX}/keys", jwks, name="oidc_jwks")
+    r.add_get(f"/.well-known/oauth-authorization-server{PLAIN_OAUTH_PREFIX}", authorization_server_metadata,
+              name="oauth_metadata")
     r.add_get(f"{PREFIX}/auth", authorize, name="oidc_auth")
     r.add_post(f"{PREFIX}/token", token, name="oidc_token")
     r.add_post(f"{PREFIX}/device/code", device_code, name="oidc_device_code")
