@@ -306,12 +306,10 @@ def login_when_needed(profile: str, error: dict) -> None:
     try:
         if terminal is not None:
             terminal.say(f"iapctl: login required for profile {profile} ({reason})")
-            outcome = login(profile, terminal, browser)
-        else:
-            outcome = login(profile, Silent(), browser)  # a browser, and no terminal to talk on
+        # With no terminal, a browser does the talking (Silent), and one line at the end is all.
+        outcome = login(profile, terminal if terminal is not None else Silent(), browser)
         if outcome.get("state") != "done":
-            _mark_failed(profile)
-            raise not_completed(profile, outcome)
+            raise not_completed(profile, outcome)  # and cool down (below)
         # Say who: a login is only as good as the account it was made with. On the terminal if
         # there is one; else this is our one line on stderr.
         who = f"iapctl: logged in as {outcome.get('email')} (profile {profile})"
