@@ -57,7 +57,7 @@ class LoginFlow:
     verifier: str
     state: str
     redirect_uri: str
-    auth_url: str  # Google's, with `state` and the PKCE challenge: never put in a browser's argv
+    auth_url: str  # the provider's (Google's, an issuer's), with `state` and the PKCE challenge: never in an argv
     browser_url: str  # our one-time start URL, which redirects to auth_url: what a browser is given
     start_nonce: str
     deadline: float  # wall clock, for reporting
