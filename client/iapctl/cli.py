@@ -91,12 +91,13 @@ def error_of(resp: wire.Response) -> dict:
     return error
 
 
-def run(profile: str, adhoc: bytes | None = None) -> int:
+def run(profile: str, adhoc: bytes | None = None, fmt: str = "plain") -> int:
     """Print a token for `profile`; with `adhoc`, the profile's definition (JSON, with its
-    `name`), registered with the daemon if it does not know the profile yet."""
+    `name`), registered with the daemon if it does not know the profile yet; `fmt` other than
+    plain: the token with its expiry (see `formatted`)."""
     if not valid_profile(profile):
         return fail(f"invalid profile name {profile!r}", USAGE)
-    method, target = "GET", "/v1/token/" + profile
+    method, target = "GET", "/v1/token/" + profile + ("" if fmt == "plain" else "?format=json")
     try:
         resp = call(method, target)
         if adhoc is not None and resp.status == 404:
@@ -118,7 +119,7 @@ def run(profile: str, adhoc: bytes | None = None) -> int:
         return fail(exc.message, exc.code)
     except wire.Unreachable as exc:
         return fail(f"iapd stopped answering: {exc}", UNREACHABLE)
-    sys.stdout.write(resp.body.decode() + "\n")
+    sys.stdout.write((resp.body.decode() if fmt == "plain" else formatted(resp.json(), fmt)) + "\n")
     return OK
 
 
@@ -211,32 +212,17 @@ def drop_in(command: str, args: list[str]) -> int | None:
 FORMATS = ("plain", "header", "json", "exec-credential")
 
 
-def formatted(profile: str, fmt: str) -> int:
-    """`iapctl token P --format F`: the token with its expiry, as a header line, JSON, or the
+def formatted(info: dict, fmt: str) -> str:
+    """The token with its expiry (`GET /v1/token/P?format=json`), as a header line, JSON, or the
     `client.authentication.k8s.io/v1` ExecCredential kubectl reads from an exec plugin."""
     import json
 
-    if not valid_profile(profile):
-        return fail(f"invalid profile name {profile!r}", USAGE)
-    try:
-        resp = call("GET", f"/v1/token/{profile}?format=json")
-        if resp.status != 200:
-            error = error_of(resp)
-            raise _failure_of(error.get("profile") or profile, error)
-        info = resp.json()
-    except Failure as exc:
-        return fail(exc.message, exc.code)
-    except wire.Unreachable as exc:
-        return fail(f"iapd stopped answering: {exc}", UNREACHABLE)
     if fmt == "header":
-        out = f"Bearer {info['token']}"
-    elif fmt == "json":
-        out = json.dumps({"profile": info["profile"], "token": info["token"], "expires_at": info["expires_at"]})
-    else:
-        out = json.dumps({"apiVersion": "client.authentication.k8s.io/v1", "kind": "ExecCredential",
-                          "status": {"token": info["token"], "expirationTimestamp": info["expires_at"]}})
-    sys.stdout.write(out + "\n")
-    return OK
+        return f"Bearer {info['token']}"
+    if fmt == "json":
+        return json.dumps({"profile": info["profile"], "token": info["token"], "expires_at": info["expires_at"]})
+    return json.dumps({"apiVersion": "client.authentication.k8s.io/v1", "kind": "ExecCredential",
+                       "status": {"token": info["token"], "expirationTimestamp": info["expires_at"]}})
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,7 +11,7 @@ import sys
 from iapctl import __version__, paths
 from iapctl.cli import (
     BAD_PROFILE, ERROR, EXIT_CODE_OF_ERROR, LOGIN_REQUIRED, OK, UNREACHABLE, UPSTREAM, USAGE, Failure, call, error_of,
-    fail, formatted, run, valid_profile,
+    FORMATS, fail, run, valid_profile,
 )
 
 EXIT_CODES = f"""exit codes:
@@ -48,10 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Print an ID token for PROFILE and a newline on stdout; nothing else. On failure, "
                                    "one line on stderr and a non-zero exit code (see `iapctl --help`).")
     p.add_argument("profile")
-    p.add_argument("--format", choices=["plain", "header", "json", "exec-credential"], default="plain",
+    p.add_argument("--format", choices=FORMATS, default="plain",
                    help="plain (the default, the fast path): the token; header: `Bearer TOKEN`; json: token and "
                         "expiry; exec-credential: a client.authentication.k8s.io/v1 ExecCredential for kubectl")
-    p.set_defaults(func=lambda a: run(a.profile) if a.format == "plain" else formatted(a.profile, a.format))
+    p.set_defaults(func=lambda a: run(a.profile, fmt=a.format))
 
     p = sub.add_parser("login", help="log in to PROFILE in a browser",
                        description="Log in with your Google account for PROFILE. Opens a browser (honours $BROWSER); "

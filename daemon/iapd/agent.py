@@ -23,7 +23,7 @@ from iapd import __version__
 from iapd.cache import TokenCache
 from iapd.clock import Clock
 from iapd.config import Config, ConfigError, Profile, config_stamp, load_config
-from iapd.errors import BadRequest, LoginRequired, UnknownProfile
+from iapd.errors import BadRequest, LoginRequired, UnknownProfile, without_message
 from iapd.google_http import revoke
 from iapd.login import LoginManager
 from iapd.google_creds import GoogleAuth
@@ -60,15 +60,24 @@ class Agent:
         self.config_stamp = config_stamp(config_path)
         self.config_error: str | None = None  # a reload that was refused: the old config serves
         self._reload_lock = asyncio.Lock()
-        self.cache.on_tick = self.check_config_soon
+        self._reloads: set[asyncio.Task] = set()  # reloads under way, kept referenced
+        self.cache.on_tick = self.reload_soon
 
     # -- config reload ----------------------------------------------------------------------
 
-    def check_config_soon(self) -> None:
-        """From the supervisor's tick: reload if the file changed (the check runs in a thread)."""
-        if not self._reload_lock.locked():
-            task = asyncio.create_task(self.reload_if_changed())
-            task.add_done_callback(lambda t: t.cancelled() or t.exception())
+    def reload_soon(self, why: str | None = None) -> None:
+        """From a signal or the supervisor's tick: reload now (`why` given: SIGHUP), or only if the
+        file changed (the check runs in a thread). A task of its own, kept referenced."""
+        if why is None and self._reload_lock.locked():
+            return
+        task = asyncio.create_task(self.reload(why) if why else self.reload_if_changed())
+        self._reloads.add(task)
+        task.add_done_callback(self._reload_done)
+
+    def _reload_done(self, task: asyncio.Task) -> None:
+        self._reloads.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("config reload failed: %s", without_message(task.exception()))
 
     async def reload_if_changed(self) -> None:
         if await asyncio.to_thread(config_stamp, self.config_path) != self.config_stamp:

@@ -114,14 +114,8 @@ async def serve(config_path: str, socket_path: str | None, test_clock: bool = Fa
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    reloads: set[asyncio.Task] = set()
-
-    def reload_on_hup() -> None:  # `systemctl --user reload iapd`, `iapctl reload`, kill -HUP
-        task = asyncio.create_task(agent.reload("SIGHUP"))
-        reloads.add(task)
-        task.add_done_callback(reloads.discard)
-
-    loop.add_signal_handler(signal.SIGHUP, reload_on_hup)
+    # `systemctl --user reload iapd`, kill -HUP
+    loop.add_signal_handler(signal.SIGHUP, agent.reload_soon, "SIGHUP")
     notify(f"READY=1\nMAINPID={os.getpid()}\nSTATUS={status_line(agent)}")
     reporter = asyncio.create_task(report_status(agent))
     log.info("iapd ready on %s (%d profiles, config %s, store %s)", path, len(config.profiles), config_path, store.path)

@@ -148,28 +148,33 @@ async def authorize(request: web.Request) -> web.Response:
     raise web.HTTPFound(f"{redirect}{'&' if '?' in redirect else '?'}{urlencode(params)}")
 
 
-def _authenticate(state: IssuerState, request: web.Request, form) -> Client | web.Response:
+def _unauthorized(description: str) -> web.HTTPUnauthorized:
+    return web.HTTPUnauthorized(text=json.dumps({"error": "invalid_client", "error_description": description}),
+                                content_type="application/json", headers={"Cache-Control": "no-store"})
+
+
+def _authenticate(state: IssuerState, request: web.Request, form) -> Client:
     """client_secret_basic (Authorization: Basic, urlencoded id:secret) or client_secret_post,
-    as discovery allows; a public client sends only client_id."""
+    as discovery allows; a public client sends only client_id. Raises 401 invalid_client."""
     header = request.headers.get("Authorization", "")
     if header.startswith("Basic "):
         if "client_secret_basic" not in state.auth_methods:
-            return _error("invalid_client", "client_secret_basic is not supported here", 401)
+            raise _unauthorized("client_secret_basic is not supported here")
         from urllib.parse import unquote_plus
 
         client_id, _, secret = base64.b64decode(header[6:]).decode().partition(":")
         client_id, secret = unquote_plus(client_id), unquote_plus(secret)
     elif form.get("client_secret"):
         if "client_secret_post" not in state.auth_methods:
-            return _error("invalid_client", "client_secret_post is not supported here", 401)
+            raise _unauthorized("client_secret_post is not supported here")
         client_id, secret = str(form.get("client_id", "")), str(form["client_secret"])
     else:
         client_id, secret = str(form.get("client_id", "")), None
     client = state.clients.get(client_id)
     if client is None or (client.secret is not None and not secrets.compare_digest(secret or "", client.secret)):
-        return _error("invalid_client", "client authentication failed", 401)
+        raise _unauthorized("client authentication failed")
     if client.secret is None and secret is not None:
-        return _error("invalid_client", "a public client has no secret", 401)
+        raise _unauthorized("a public client has no secret")
     return client
 
 
@@ -196,8 +201,6 @@ def _tokens(state: IssuerState, request: web.Request, grant: Grant, audience: st
 async def token(request: web.Request) -> web.Response:
     state, form = request.app[ISSUER_KEY], await request.post()
     client = _authenticate(state, request, form)
-    if isinstance(client, web.Response):
-        return client
     kind = str(form.get("grant_type", ""))
     if kind not in client.grants:
         return _error("unauthorized_client", f"{kind} is not allowed for this client")
@@ -256,8 +259,6 @@ async def token(request: web.Request) -> web.Response:
 async def device_code(request: web.Request) -> web.Response:
     state, form = request.app[ISSUER_KEY], await request.post()
     client = _authenticate(state, request, form)
-    if isinstance(client, web.Response):
-        return client
     code, user_code = secrets.token_urlsafe(24), f"{secrets.randbelow(10**4):04d}-{secrets.randbelow(10**4):04d}"
     interval = state.device_interval
     state.devices[code] = Device(client.client_id, str(form.get("scope", "")).split(), user_code,
@@ -280,9 +281,7 @@ async def device_page(request: web.Request) -> web.Response:
 
 async def revoke(request: web.Request) -> web.Response:
     state, form = request.app[ISSUER_KEY], await request.post()
-    client = _authenticate(state, request, form)
-    if isinstance(client, web.Response):
-        return client
+    _authenticate(state, request, form)  # 401 unless the client is who it says
     value = str(form.get("token", ""))
     grant = state.refresh.pop(value, None)
     if grant is not None:
