@@ -179,6 +179,18 @@ class DaemonProcess:
         browse(started["auth_url"])
         return self.request("GET", f"/v1/login/{profile}?wait=20").json()
 
+    def records(self) -> dict:
+        """The credential store as the daemon last wrote it."""
+        path = self.state_dir / "credentials.json"
+        return json.loads(path.read_text())["credentials"] if path.exists() else {}
+
+    def record(self, prefix: str = "user:") -> dict:
+        """The one stored login whose key starts with `prefix` (a login's key names its
+        client and, unless it is Google's own, the endpoint it is bound to)."""
+        found = [r for k, r in self.records().items() if k.startswith(prefix)]
+        assert len(found) == 1, sorted(self.records())
+        return found[0]
+
     def logs(self) -> str:
         return self.log_path.read_text() if self.log_path.exists() else ""
 

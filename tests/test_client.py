@@ -283,7 +283,13 @@ def test_logout_says_what_was_revoked(daemon, env):
     assert everything.returncode == 0 and "demo-sa" in everything.stdout
 
 
-def test_flyte_iap_drop_in_user(daemon, env, emulator):
+def test_flyte_iap_drop_in_user(daemon_factory, tmp_path, emulator):
+    # flyte-iap reads the desktop client's secret with the user's application-default
+    # credentials (`gcloud auth application-default login`): so does its drop-in.
+    adc = str(emulator.config_path.parent / "emulator-adc.json")
+    daemon = daemon_factory(name="dropin", env={"GOOGLE_APPLICATION_CREDENTIALS": adc})
+    env = {**daemon.env, "XDG_STATE_HOME": str(tmp_path / "client-state"), "IAPD_AUTOSTART": "0",
+           "IAPD_AUTO_LOGIN": "0", "DISPLAY": ""}
     args = ["generate-user-id-token", "--desktop_client_id", DESKTOP,
             "--desktop_client_secret_gcp_secret_name", "iap-desktop-client-secret",
             "--webapp_client_id", IAP, "--project", "iapd-demo"]

@@ -86,7 +86,7 @@ def test_store_and_socket_modes(daemon):
     assert stat.S_IMODE(os.stat(daemon.state_dir).st_mode) == 0o700
     assert stat.S_IMODE(os.stat(daemon.socket).st_mode) == 0o600
     assert stat.S_IMODE(os.stat(os.path.dirname(daemon.socket)).st_mode) == 0o700
-    record = json.loads(store.read_text())["credentials"][f"user:{DESKTOP}"]
+    record = daemon.record(f"user:{DESKTOP}")
     assert record["email"] == "demo@example.com" and record["refresh_token"]
 
 
@@ -149,7 +149,7 @@ def test_invalid_grant_means_login_required_with_one_call(daemon, emulator, kind
     assert emulator.counters()["token"] == 1
     status = daemon.profile_status("demo-user")
     assert status["state"] == "login_required" and needle in status["last_error"]["message"]
-    store = json.loads((daemon.state_dir / "credentials.json").read_text())["credentials"][f"user:{DESKTOP}"]
+    store = daemon.record(f"user:{DESKTOP}")
     assert store["refresh_token"] is None
     assert daemon.login()["state"] == "done"  # a new login clears it
     assert iap_admits(emulator, daemon.token("demo-user"))
@@ -248,7 +248,7 @@ def test_status_never_contains_a_token(daemon):
     daemon.login()
     token = daemon.token("demo-user")
     text = json.dumps(daemon.status())
-    record = json.loads((daemon.state_dir / "credentials.json").read_text())["credentials"][f"user:{DESKTOP}"]
+    record = daemon.record(f"user:{DESKTOP}")
     assert token not in text and record["refresh_token"] not in text and record["client_secret"] not in text
     status = daemon.profile_status("demo-user")
     assert status["state"] == "ready" and status["identity"] == "demo@example.com"

@@ -189,17 +189,19 @@ async def test_a_stale_refresh_does_not_wipe_a_fresh_login(emulator, tmp_path):
     from iapd.google_creds import GoogleAuth
     from iapd.sources.base import SourceContext
     from iapd.sources.user import UserCredential
+    from iapd.logins import Login, user_login_key
     from iapd.store import CredentialStore
 
     secret = desktop_secret(emulator)
     old, new = login(emulator)["refresh_token"], login(emulator)["refresh_token"]
     store = await CredentialStore.open(tmp_path / "state")
-    key = f"user:{DESKTOP}"
+    key = user_login_key(DESKTOP, emulator.url("token_url"))
     await store.put(key, {"refresh_token": old, "email": "demo@example.com", "client_id": DESKTOP})
     async with aiohttp.ClientSession() as session:
         ctx = SourceContext(session, Clock(), Endpoints(token_url=emulator.url("token_url"),
                                                         revoke_url=emulator.url("revoke_url")), 10, GoogleAuth(10))
-        credential = UserCredential(UserSource(client_id=DESKTOP, client_secret=secret), store, ctx)
+        stored = Login(key, store, emulator.url("token_url"))
+        credential = UserCredential(UserSource(client_id=DESKTOP, client_secret=secret), stored, ctx)
         emulator.fault("delay", delay=1)
         refreshing = asyncio.create_task(credential.fetch(IAP))
         await asyncio.to_thread(wait_for, lambda: emulator.counters().get("in_flight:token") == 1)

@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 from conftest import wait_for
 from test_service_accounts import iap_admits
 from iapd.jwt import unverified_claims
+from iapd.logins import user_login_key
 
 IAP = "123456789012-iap.apps.googleusercontent.com"
 DESKTOP = "123456789012-desktop.apps.googleusercontent.com"
@@ -161,7 +162,7 @@ def test_kill_9_of_the_daemon_mid_operation(daemon_factory, emulator, moment):
             browser.wait(timeout=30)
         if store.exists():  # the store is complete JSON holding a whole record, or none
             records = json.loads(store.read_text())["credentials"]
-            assert set(records) <= {f"user:{DESKTOP}"}
+            assert set(records) <= {user_login_key(DESKTOP, emulator.url("token_url"))}
         daemon.start()
         # After the restart: a token from what was stored (a refresh: nothing is cached in
         # memory any more), or a clear "log in" — never an error, never a token IAP refuses.
@@ -344,7 +345,7 @@ def test_no_secret_ever_logged(daemon_factory, emulator, tmp_path):
     daemon = daemon_factory(FAST)  # --log-level debug, as every test daemon
     served = set()
     daemon.login()
-    record = json.loads((daemon.state_dir / "credentials.json").read_text())["credentials"][f"user:{DESKTOP}"]
+    record = daemon.record(f"user:{DESKTOP}")
     for profile in ("demo-user", "demo-sa"):
         served.add(daemon.token(profile))
     daemon.set_clock(3600)  # renewals

@@ -26,9 +26,10 @@ from iapd.config import Config, ConfigError, Profile, config_stamp, load_config
 from iapd.errors import BadRequest, LoginRequired, UnknownProfile, without_message
 from iapd.google_http import revoke
 from iapd.login import LoginManager
+from iapd.logins import Logins, oidc_login_key, user_login_key
 from iapd.google_creds import GoogleAuth
 from iapd.sources.base import IdToken, SourceContext, TokenSource
-from iapd.sources.service_account import build_service_account_source
+from iapd.sources.service_account import ADCCredential, build_service_account_source
 from iapd.sources.oidc import OidcCredential
 from iapd.sources.user import UserCredential
 from iapd.store import CredentialStore
@@ -50,7 +51,8 @@ class Agent:
         self.source_context = SourceContext(session, clock, config.endpoints, config.daemon.http_timeout_seconds,
                                             GoogleAuth(config.daemon.http_timeout_seconds))
         self.cache = TokenCache(config.daemon, clock)
-        self.logins = LoginManager(config.daemon.login_timeout_seconds, self.cache.forget)
+        self.logins = LoginManager(config.daemon.login_timeout_seconds, self.cache.forget)  # the flows that make logins
+        self.accounts = Logins(store)  # the logins they made: one object per login, for the daemon's life
         self.profiles: dict[str, Profile] = {}
         self.sources: dict[str, TokenSource] = {}
         self.adhoc: set[str] = set()
@@ -82,6 +84,16 @@ class Agent:
     async def reload_if_changed(self) -> None:
         if await asyncio.to_thread(config_stamp, self.config_path) != self.config_stamp:
             await self.reload("the config file changed")
+        else:
+            await self._check_credential_files()
+
+    async def _check_credential_files(self) -> None:
+        """Application-default credentials are a file of gcloud's, not ours: read it again when
+        it changes (`gcloud auth application-default login`), with a fresh start for its profiles."""
+        for source in {s for s in self.sources.values() if isinstance(s, ADCCredential)}:
+            if await source.changed():
+                log.info("%s: the credentials file changed; reading it again", source.key)
+                self.cache.forget_source(source)
 
     async def reload(self, why: str) -> dict[str, Any]:
         """Re-read the config. Profiles that did not change keep their sources, tokens and logins;
@@ -98,6 +110,7 @@ class Agent:
                 return {"reloaded": False, "error": self.config_error}
             self.config_stamp, self.config_error = stamp, None
             self._apply(new)
+            await self._check_credential_files()
             log.info("reloaded the config (%s): %d profiles", why, len(new.profiles))
             return {"reloaded": True, "profiles": sorted(new.profiles)}
 
@@ -112,6 +125,8 @@ class Agent:
             kept: dict[str, Profile] = {}
         else:
             kept = {name: p for name, p in self.profiles.items() if new.profiles.get(name) == p}
+        # Every other profile gets a source built from its new settings (and so a fresh cache
+        # entry, without the old one's error and backoff); its login, if the same, is kept.
         self.cache.settings = new.daemon
         self.logins.timeout = new.daemon.login_timeout_seconds
         adhoc = {name: self.profiles[name] for name in self.adhoc if name in self.profiles}
@@ -123,18 +138,17 @@ class Agent:
         for name, profile in {**new.profiles, **adhoc}.items():
             if name not in self.profiles:
                 self._add_profile(name, profile)
-        for key in {s.key for s in previous_sources.values()} - {s.key for s in self.sources.values()}:
-            self.cache.drop(key)  # nobody uses that credential any more
+        for source in set(previous_sources.values()) - set(self.sources.values()):
+            self.cache.drop(source)  # nobody uses that source any more
 
     def _add_profile(self, name: str, profile: Profile) -> None:
-        """One source object per credential: profiles on the same desktop client share it. (An
-        OpenID Connect source carries its profile's scopes and token choice: shared only by
-        profiles that are the same but for their names.)"""
-        source = self._source_for(name, profile)
-        shared = next((s for n, s in self.sources.items() if s.key == source.key
-                       and (profile.oidc is None or self.profiles[n].oidc == profile.oidc)), None)
+        """One source object per set of source settings: profiles that differ only in name or
+        audience share it (and so its cache entries). Profiles whose settings differ get sources
+        of their own, which share the *login* when they name the same one (iapd.logins)."""
+        settings = _source_settings(profile)
+        shared = next((self.sources[n] for n, p in self.profiles.items() if _source_settings(p) == settings), None)
         self.profiles[name] = profile
-        self.sources[name] = shared or source
+        self.sources[name] = shared or self._source_for(name, profile)
 
     @staticmethod
     def cache_audience(profile: Profile) -> str | None:
@@ -173,12 +187,16 @@ class Agent:
         return name
 
     def _source_for(self, name: str, profile: Profile) -> TokenSource:
+        endpoints = self.source_context.endpoints
         if profile.user is not None:
-            return UserCredential(profile.user, self.store, self.source_context)
+            login = self.accounts.get(user_login_key(profile.user.client_id, endpoints.token_url), endpoints.token_url)
+            return UserCredential(profile.user, login, self.source_context)
         if profile.oidc is not None:
-            via = profile.oidc.via
+            o = profile.oidc
+            via = o.via
             proxy_token = (lambda: self.token(via)) if via else None
-            return OidcCredential(name, profile.oidc, self.store, self.source_context, proxy_token)
+            login = self.accounts.get(oidc_login_key(o.issuer, o.client_id, o.token_endpoint), o.token_endpoint)
+            return OidcCredential(name, o, login, self.source_context, proxy_token)
         assert profile.service_account is not None
         return build_service_account_source(name, profile.service_account, self.source_context)
 
@@ -221,7 +239,9 @@ class Agent:
         except LoginRequired as exc:
             # The client needs the profile (ad-hoc ones have generated names) and whether it may
             # start a login by itself.
-            raise exc.with_extra(profile=name, auto_login=self.config.client.auto_login) from None
+            # A `via` profile's login names that profile: that is the one to log in.
+            raise exc.with_extra(profile=exc.extra.get("profile") or name,
+                                 auto_login=self.config.client.auto_login) from None
 
     # -- login / logout ---------------------------------------------------------------------
 
@@ -251,6 +271,10 @@ class Agent:
             targets = {source.key: source for source in self.sources.values()}
         results = []
         for key, source in targets.items():
+            # First: nothing of this login is served from now on. A refresh already at the
+            # issuer finishes inside the login (before the logout takes its lock); its waiters
+            # look again and find no login.
+            self.cache.forget(key)
             if isinstance(source, (UserCredential, OidcCredential)):
                 result = await source.logout()
             else:
@@ -298,7 +322,7 @@ class Agent:
 
     def _profile_status(self, name: str) -> dict[str, Any]:
         profile, source = self.profile(name)
-        entry = self.cache.entries.get((source.key, self.cache_audience(profile)))
+        entry = self.cache.entries.get((source, self.cache_audience(profile)))
         logs_in = isinstance(source, (UserCredential, OidcCredential))
         login = self.logins.result(source.key) if logs_in else {"state": "none"}
         out: dict[str, Any] = {
@@ -337,6 +361,11 @@ class Agent:
             record = self.store.get(source.key) or {}
             out["last_error"] = {"code": "login_required", "message": record.get("login_reason") or "not logged in"}
         return out
+
+
+def _source_settings(profile: Profile) -> object:
+    """What a profile's source is made of (its audience is the cache's business, not the source's)."""
+    return profile.user or profile.oidc or profile.service_account
 
 
 def _iso(wall: float | None) -> str | None:

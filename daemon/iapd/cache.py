@@ -28,11 +28,13 @@ from typing import Callable
 
 from iapd.clock import Clock
 from iapd.config import DaemonSettings
-from iapd.errors import ConfigProblem, IapdError, LoginRequired, UpstreamError, UpstreamUnavailable, without_message
+from iapd.errors import (ConfigProblem, IapdError, LoginRequired, UpstreamError, UpstreamUnavailable,
+                         ViaLoginRequired, without_message)
 from iapd.jwt import fingerprint
 from iapd.sources.base import IdToken, TokenSource
 
 log = logging.getLogger("iapd.cache")
+FRESH_ATTEMPTS = 3  # asks for a token that keeps the margin, before the refresh counts as failed
 
 
 def renewal_window(lifetime: float, settings: DaemonSettings) -> tuple[float, float]:
@@ -59,7 +61,9 @@ class Entry:
 
     @property
     def login_required(self) -> bool:
-        return isinstance(self.last_error, LoginRequired)
+        """This entry's own login is needed. A `via` profile's login is that profile's business:
+        this entry retries (with backoff, and at once after any login)."""
+        return isinstance(self.last_error, LoginRequired) and not isinstance(self.last_error, ViaLoginRequired)
 
     def error_to_raise(self) -> IapdError:
         """The last error, as a fresh exception: re-raising one stored object would append this
@@ -72,7 +76,10 @@ class TokenCache:
     def __init__(self, settings: DaemonSettings, clock: Clock) -> None:
         self.settings = settings
         self.clock = clock
-        self.entries: dict[tuple[str, str | None], Entry] = {}
+        # Keyed by the source *object*: profiles share one when their settings are the same, and a
+        # reload that changes a profile's settings gives it a new one (and so a fresh entry).
+        self.entries: dict[tuple[TokenSource, str | None], Entry] = {}
+        self.stopped = False
         self._wake = asyncio.Event()
         self._supervisor: asyncio.Task | None = None
         self._slots = asyncio.Semaphore(settings.max_concurrent_refreshes)
@@ -81,7 +88,7 @@ class TokenCache:
     # -- the request path -------------------------------------------------------------------
 
     def entry(self, source: TokenSource, audience: str | None) -> Entry:
-        key = (source.key, audience)
+        key = (source, audience)
         entry = self.entries.get(key)
         if entry is None:
             entry = self.entries[key] = Entry(source, audience)
@@ -104,6 +111,8 @@ class TokenCache:
             if entry.login_required:
                 raise entry.error_to_raise()
             if entry.task is None:
+                if self.stopped:
+                    raise UpstreamUnavailable("iapd is stopping; try again in a moment")
                 if entry.last_error is not None and self.clock.mono() < entry.retry_at:
                     raise entry.error_to_raise()  # backing off: fail fast instead of hammering the IdP
                 self._start(entry)
@@ -123,7 +132,7 @@ class TokenCache:
     def peek(self, source: TokenSource, audience: str | None) -> IdToken | None:
         """The cached token if it can be served as it is (more than the margin left), else None.
         Synchronous: the socket's fast path answers from this without an await."""
-        entry = self.entries.get((source.key, audience))
+        entry = self.entries.get((source, audience))
         if entry is None or entry.token is None:
             return None
         left = entry.token.remaining(self.clock)
@@ -138,6 +147,8 @@ class TokenCache:
     # -- refreshing -------------------------------------------------------------------------
 
     def _start(self, entry: Entry) -> None:
+        if self.stopped:
+            return
         entry.task = asyncio.create_task(self._refresh(entry))
         # A refresh nobody awaits (background renewal) must not log "exception never retrieved".
         entry.task.add_done_callback(lambda t: t.cancelled() or t.exception())
@@ -155,8 +166,10 @@ class TokenCache:
         try:
             async with self._slots:
                 entry.last_attempt_wall = self.clock.wall()
-                token = await entry.source.fetch(entry.audience)
+                token = await self._fetch_servable(entry)
         except LoginRequired as exc:
+            if isinstance(exc, ViaLoginRequired):
+                return self._failed(entry, exc)  # the `via` profile's login: retried, never ours cleared
             log.warning("%s: login required: %s", entry.source.key, exc.message)
             for other in self.entries.values():
                 if other.source.key == entry.source.key:
@@ -167,22 +180,14 @@ class TokenCache:
                 log.error("%s: unexpected error while refreshing: %s", entry.source.key, without_message(exc))
                 exc = UpstreamUnavailable(f"unexpected error while getting a token ({type(exc).__name__}); "
                                           "see iapd's log")
-            entry.failures += 1
-            delay = self._retry_delay(entry, exc)
-            entry.retry_at = self.clock.mono() + delay
-            entry.last_error = exc
-            left = entry.token.remaining(self.clock) if entry.token else 0
-            log.warning("%s aud=%s: refresh failed (%s: %s), retry in %s; current token has %.0fs left",
-                        entry.source.key, entry.audience, exc.code, exc.message,
-                        "never (fix the profile)" if delay == float("inf") else f"≤{delay:.0f}s", max(left, 0))
-            raise exc from None
+            return self._failed(entry, exc)
         finally:
             # Only our own slot: a cancelled refresh must not clear a newer one started after it.
             if entry.task is me:
                 entry.task = None
             self._wake.set()
-        window, margin = renewal_window(token.lifetime, self.settings)
-        entry.token, entry.margin = token, margin
+        window, _ = renewal_window(token.lifetime, self.settings)
+        entry.token, entry.margin = token, self.margin_of(token)
         entry.renew_when_left = window * random.uniform(0.8, 1.0)
         entry.failures, entry.last_error = 0, None
         entry.refresh_count += 1
@@ -190,6 +195,32 @@ class TokenCache:
         log.info("%s aud=%s: new token %s, lifetime %.0fs, renewal when %.0fs left",
                  entry.source.key, entry.audience, fingerprint(token.value), token.lifetime, entry.renew_when_left)
         return token
+
+    def margin_of(self, token: IdToken) -> float:
+        """The mandatory margin, from the token's *full* lifetime: a token handed back from an
+        upstream's cache with seconds left is not fresh, however recently it arrived."""
+        return renewal_window(token.issued_lifetime, self.settings)[1]
+
+    async def _fetch_servable(self, entry: Entry) -> IdToken:
+        """A token that keeps the margin promise. An upstream that hands back a cached token
+        near its end (the metadata server does) is asked again, a bounded number of times."""
+        for _ in range(FRESH_ATTEMPTS):
+            token = await entry.source.fetch(entry.audience)
+            if token.remaining(self.clock) > self.margin_of(token):
+                return token
+        raise UpstreamUnavailable(f"the token endpoint keeps returning tokens with less than "
+                                  f"{self.margin_of(token):.0f}s left; try again shortly")
+
+    def _failed(self, entry: Entry, exc: IapdError) -> IdToken:
+        entry.failures += 1
+        delay = self._retry_delay(entry, exc)
+        entry.retry_at = self.clock.mono() + delay
+        entry.last_error = exc
+        left = entry.token.remaining(self.clock) if entry.token else 0
+        log.warning("%s aud=%s: refresh failed (%s: %s), retry in %s; current token has %.0fs left",
+                    entry.source.key, entry.audience, exc.code, exc.message,
+                    "never (fix the profile)" if delay == float("inf") else f"≤{delay:.0f}s", max(left, 0))
+        raise exc from None
 
     def _network_is_back(self) -> None:
         """A refresh just worked: entries backing off from transient failures try again now
@@ -250,6 +281,9 @@ class TokenCache:
         self._wake.set()
 
     async def stop(self) -> None:
+        """No refresh starts from now on. Those under way are cancelled here; a rotation that
+        reached the issuer still finishes inside its login (see iapd.logins)."""
+        self.stopped = True
         tasks = [t for t in [self._supervisor, *(e.task for e in self.entries.values())] if t is not None]
         for task in tasks:
             task.cancel()
@@ -257,20 +291,34 @@ class TokenCache:
 
     # -- login and logout -------------------------------------------------------------------
 
-    def drop(self, credential_key: str) -> None:
-        """A credential no profile uses any more (a reload removed it): its entries go."""
+    def drop(self, source: TokenSource) -> None:
+        """A source no profile uses any more (a reload removed or changed it): its entries go."""
         for key, entry in list(self.entries.items()):
-            if entry.source.key == credential_key:
+            if entry.source is source:
                 if entry.task is not None:
                     entry.task.cancel()
                 del self.entries[key]
 
+    def forget_source(self, source: TokenSource) -> None:
+        """One source's entries start afresh (its credentials file changed): no token of the old
+        identity, no error of the old file."""
+        for entry in self.entries.values():
+            if entry.source is source:
+                if entry.task is not None:
+                    entry.task.cancel()
+                    entry.task = None
+                entry.token, entry.last_error, entry.failures, entry.retry_at = None, None, 0, 0.0
+        self._wake.set()
+
     def forget(self, credential_key: str) -> None:
-        """After a login or a logout: drop tokens and errors, so the next request starts fresh."""
+        """After a login or a logout: drop tokens and errors, so the next request starts fresh.
+        Entries waiting on a `via` profile's login try again too: this may have been it."""
         for entry in self.entries.values():
             if entry.source.key == credential_key:
                 if entry.task is not None:
                     entry.task.cancel()  # its waiters look again (see get)
                     entry.task = None
                 entry.token, entry.last_error, entry.failures, entry.retry_at = None, None, 0, 0.0
+            elif isinstance(entry.last_error, ViaLoginRequired):
+                entry.last_error, entry.failures, entry.retry_at = None, 0, 0.0
         self._wake.set()

@@ -17,11 +17,12 @@ class Clock:
     def __init__(self) -> None:
         # Tests of suspend/resume and clock jumps shift the wall clock of a running daemon.
         self.wall_offset = 0.0
+        self.mono_offset = 0.0
 
     def wall(self) -> float:
         return time.time() + self.wall_offset
 
     def mono(self) -> float:
         if _BOOTTIME is not None:
-            return time.clock_gettime(_BOOTTIME)
-        return time.monotonic()
+            return time.clock_gettime(_BOOTTIME) + self.mono_offset
+        return time.monotonic() + self.mono_offset

@@ -126,6 +126,7 @@ async def serve(config_path: str, socket_path: str | None, test_clock: bool = Fa
         notify("STOPPING=1")
         reporter.cancel()
         await agent.cache.stop()
+        await agent.accounts.close()  # a rotation already at the issuer is finished and stored
         await agent.logins.close()
         await runner.cleanup()
         await session.close()

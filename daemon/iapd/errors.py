@@ -34,6 +34,11 @@ class LoginRequired(IapdError):
     status = 401
 
 
+class ViaLoginRequired(LoginRequired):
+    """The `via` profile in front of an issuer needs a login — not this profile's own login,
+    which stays (and stays live at its issuer). `extra["profile"]` names the one to log in."""
+
+
 class UpstreamUnavailable(IapdError):
     """Transient: 5xx, 429, timeouts, network errors. Retried with backoff."""
 

@@ -90,9 +90,28 @@ class GoogleAuth:
                 creds.refresh(self.request())
             except exceptions.RefreshError as exc:
                 raise _refresh_error(exc) from None
+            except exceptions.OAuthError as exc:
+                # Workload identity federation's STS exchange says no this way (not RefreshError):
+                # "Error code invalid_grant: …" is a refusal; a body without an OAuth error code
+                # (a proxy's 503 page) is not.
+                message = str(exc.args[0] if exc.args else "").splitlines()[0][:200] if exc.args else ""
+                if message.startswith("Error code"):
+                    raise UpstreamError(f"the token exchange (STS) refused the credentials: {message}") from None
+                raise UpstreamUnavailable("the token exchange (STS) failed without an OAuth error") from None
             except exceptions.TransportError as exc:
                 raise UpstreamUnavailable(f"cannot reach Google to refresh credentials: {type(exc).__name__}") from None
         return creds.token
+
+
+def file_stamp(path: str | None) -> tuple | None:
+    """What changes when a credentials file does (None: no such file). Called in a thread."""
+    if path is None:
+        return None
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None
+    return path, info.st_ino, info.st_size, info.st_mtime_ns
 
 
 def read_credentials_file(path: str) -> dict:

@@ -87,7 +87,9 @@ async def token(request: web.Request) -> web.Response:
     agent, name = request.app[AGENT], request.match_info["profile"]
     if request.query.get("format") == "json":
         served = await agent.token_info(name)
-        left = max(served.remaining(agent.clock), 0.0)
+        # Advertised as good until the margin: a caller that caches it (kubectl) stops using it
+        # when iapd itself would, not at the last second of its `exp`.
+        left = max(served.remaining(agent.clock) - agent.cache.margin_of(served), 0.0)
         expires_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(agent.clock.wall() + left))
         return web.json_response({"profile": name, "token": served.value, "expires_in": int(left),
                                   "expires_at": expires_at}, headers={"Cache-Control": "no-store"})
@@ -145,10 +147,12 @@ async def set_clock(request: web.Request) -> web.Response:
     agent = request.app[AGENT]
     try:
         agent.clock.wall_offset = float(body["wall_offset"])
+        # A suspend moves CLOCK_BOOTTIME too; a clock set by hand or by NTP does not.
+        agent.clock.mono_offset = float(body.get("mono_offset", agent.clock.mono_offset))
     except (KeyError, TypeError, ValueError):
-        raise BadRequest("give {\"wall_offset\": seconds}") from None
+        raise BadRequest("give {\"wall_offset\": seconds[, \"mono_offset\": seconds]}") from None
     agent.cache.wake()
-    return web.json_response({"wall_offset": agent.clock.wall_offset})
+    return web.json_response({"wall_offset": agent.clock.wall_offset, "mono_offset": agent.clock.mono_offset})
 
 
 async def reload(request: web.Request) -> web.Response:

@@ -100,14 +100,26 @@ class CredentialStore:
         await self._write(lambda records: records.pop(key, None))
         return True
 
+    async def swap(self, key: str, expected: str | None, **fields: Any) -> bool:
+        """Compare-and-swap: update `key` only if it still holds the refresh token `expected`
+        (a rotation must not overwrite a login that landed while it talked to the issuer)."""
+        async with self._lock:
+            if (self._records.get(key) or {}).get("refresh_token") != expected:
+                return False
+            await self._write_locked(lambda records: records.setdefault(key, {}).update(fields, updated=int(time.time())))
+            return True
+
     async def _write(self, change) -> None:
         async with self._lock:
-            records = copy.deepcopy(self._records)
-            change(records)
-            data = json.dumps({"version": VERSION, "credentials": records}, indent=1, sort_keys=True).encode()
-            await asyncio.to_thread(atomic_write, self.path, data)
-            # Only now is the change real: a failed write leaves memory and disk in agreement.
-            self._records = records
+            await self._write_locked(change)
+
+    async def _write_locked(self, change) -> None:
+        records = copy.deepcopy(self._records)
+        change(records)
+        data = json.dumps({"version": VERSION, "credentials": records}, indent=1, sort_keys=True).encode()
+        await asyncio.to_thread(atomic_write, self.path, data)
+        # Only now is the change real: a failed write leaves memory and disk in agreement.
+        self._records = records
 
 
 # What a record may hold, and of what type: a hand edit or a bug that wrote another shape must
@@ -115,6 +127,8 @@ class CredentialStore:
 RECORD_FIELDS: dict[str, tuple[type, ...]] = {
     "refresh_token": (str, type(None)), "email": (str, type(None)), "client_id": (str,),
     "client_secret": (str,), "client_secret_name": (str,), "login_reason": (str, type(None)), "updated": (int,),
+    # Where the login was minted, and so the only places its refresh token is ever sent.
+    "token_endpoint": (str,), "revocation_endpoint": (str,),
 }
 
 

@@ -3,6 +3,7 @@ comes from (google-auth's `Credentials` idea, made async), and what every source
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
@@ -15,6 +16,9 @@ from iapd.jwt import MalformedToken, unverified_claims
 
 if TYPE_CHECKING:
     from iapd.google_creds import GoogleAuth
+
+
+MAX_LIFETIME = 7 * 24 * 3600.0  # no ID or access token lives a week; an answer that says so is wrong
 
 
 @dataclass(frozen=True)
@@ -36,10 +40,19 @@ class IdToken:
     lifetime: float  # from receipt, on our clocks
     received_wall: float
     received_mono: float
+    # As issued (`exp - iat`), however much of it was left on receipt: what the renewal margin
+    # is sized from, so a token handed back from an upstream's cache is not taken for fresh.
+    issued_lifetime: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not self.issued_lifetime:
+            object.__setattr__(self, "issued_lifetime", self.lifetime)
 
     @classmethod
     def opaque(cls, value: str, clock: Clock, expires_in: float) -> "IdToken":
         """An opaque access token (no claims to read): its life is the response's `expires_in`."""
+        if not 0 < expires_in <= MAX_LIFETIME:  # NaN fails this too
+            raise UpstreamError("the token endpoint returned an impossible expires_in")
         return cls(value, {}, expires_in, clock.wall(), clock.mono())
 
     @classmethod
@@ -56,15 +69,21 @@ class IdToken:
             exp, iat = float(claims["exp"]), float(claims["iat"])
         except (MalformedToken, KeyError, TypeError, ValueError):
             raise UpstreamError("the token endpoint returned a malformed ID token") from None
+        # Numbers from an issuer are checked, not trusted: a NaN or infinite `exp` would be
+        # cached forever (and break every status answer).
+        if not (math.isfinite(exp) and math.isfinite(iat)) or exp - iat > MAX_LIFETIME:
+            raise UpstreamError("the token endpoint returned an ID token with an impossible exp or iat")
+        if expires_in is not None and not 0 < expires_in <= MAX_LIFETIME:
+            raise UpstreamError("the token endpoint returned an impossible expires_in")
         wall = clock.wall()
-        lifetime = exp - iat
+        issued = lifetime = exp - iat
         if server_date is not None:
             lifetime = min(lifetime, exp - server_date)
         if expires_in is not None:  # an access token's `expires_in` may be shorter than its JWT says
-            lifetime = min(lifetime, expires_in)
+            issued = lifetime = min(lifetime, expires_in)
         if lifetime <= 0:
             raise UpstreamError("the token endpoint returned an ID token that has already expired")
-        return cls(value, claims, lifetime, wall, clock.mono())
+        return cls(value, claims, lifetime, wall, clock.mono(), max(issued, lifetime))
 
     def remaining(self, clock: Clock) -> float:
         return min(self.received_wall + self.lifetime - clock.wall(),

@@ -15,31 +15,42 @@ refresh token means login required — never a retry storm.
 from __future__ import annotations
 
 import asyncio
+import math
 from typing import Any, Awaitable, Callable
 from urllib.parse import quote, urlencode, urlsplit
 
 from iapd.config import OidcSource
-from iapd.errors import ConfigProblem, LoginRequired, UpstreamError
+from iapd.errors import ConfigProblem, LoginRequired, UpstreamError, UpstreamUnavailable, ViaLoginRequired
 from iapd.google_http import Answer, fetch, json_object, revoke
 from iapd.jwt import MalformedToken, unverified_claims
+from iapd.logins import Login
 from iapd.sources.base import IdToken, SourceContext
-from iapd.store import CredentialStore
 
 ProxyToken = Callable[[], Awaitable[str]]
+MAX_DEVICE_INTERVAL = 60.0
+
+
+def device_interval(value: Any) -> float:
+    """The device grant's polling interval: RFC 8628's default of 5 s unless the issuer said a
+    number, clamped to 1–60 s. An issuer's NaN, -1 or 0 must not become a poll loop, nor its
+    1e9 a login that never completes."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+        return 5.0
+    return min(max(float(value), 1.0), MAX_DEVICE_INTERVAL)
 
 
 class OidcCredential:
     kind = "oidc"
 
-    def __init__(self, profile: str, config: OidcSource, store: CredentialStore, ctx: SourceContext,
+    def __init__(self, profile: str, config: OidcSource, login: Login, ctx: SourceContext,
                  proxy_token: ProxyToken | None = None) -> None:
         self.profile = profile
         self.config = config
-        self.store = store
+        # Profiles of one client at one issuer (and token endpoint) share one login.
+        self.login = login
         self.ctx = ctx
         self.proxy_token = proxy_token
-        # Profiles of one client at one issuer share one login (and one refresh token).
-        self.key = f"oidc:{config.issuer.rstrip('/')}:{config.client_id}"
+        self.key = login.key
         self._metadata: dict[str, Any] | None = None
         self._metadata_lock = asyncio.Lock()
 
@@ -48,14 +59,10 @@ class OidcCredential:
     def identity(self) -> str | None:
         if self.config.grant == "client_credentials":
             return f"client {self.config.client_id}"
-        record = self.store.get(self.key)
-        return record.get("email") if record else None
+        return self.login.identity()
 
     def logged_in(self) -> bool:
-        if self.config.grant == "client_credentials":
-            return True
-        record = self.store.get(self.key)
-        return bool(record and record.get("refresh_token"))
+        return self.config.grant == "client_credentials" or self.login.logged_in()
 
     # -- talking to the issuer -------------------------------------------------------------------
 
@@ -64,7 +71,14 @@ class OidcCredential:
         behind a proxy (flyteadmin's authorization server behind IAP)."""
         if self.proxy_token is None:
             return {}
-        return {"Proxy-Authorization": f"Bearer {await self.proxy_token()}"}
+        try:
+            token = await self.proxy_token()
+        except LoginRequired as exc:
+            # The `via` profile's login, not ours: ours stays, and the message names the one to fix.
+            via = self.config.via
+            raise ViaLoginRequired(f"the profile {via} (`via` of {self.profile}) needs a login: {exc.message}",
+                                   profile=exc.extra.get("profile") or via) from None
+        return {"Proxy-Authorization": f"Bearer {token}"}
 
     async def _call(self, method: str, url: str, what: str, **kwargs: Any) -> Answer:
         headers = {**(await self._headers()), **kwargs.pop("headers", {})}
@@ -122,12 +136,15 @@ class OidcCredential:
         data.update(client_id=self.config.client_id, client_secret=self.config.client_secret)
         return {}
 
-    async def _token_request(self, data: dict[str, str], what: str) -> tuple[dict, Answer]:
+    async def _token_request(self, data: dict[str, str], what: str, url: str | None = None,
+                             proxy_headers: dict[str, str] | None = None) -> tuple[dict, Answer]:
         for name in ("audience", "resource"):
             if getattr(self.config, name):
                 data[name] = getattr(self.config, name)
-        headers = await self._client_auth(data)
-        answer = await self._call("POST", await self._endpoint("token_endpoint"), what, data=data, headers=headers)
+        headers = {**(proxy_headers if proxy_headers is not None else await self._headers()),
+                   **(await self._client_auth(data))}
+        url = url or await self._endpoint("token_endpoint")
+        answer = await fetch(self.ctx.session, "POST", url, what=what, data=data, headers=headers)
         return json_object(answer, what), answer
 
     def _served(self, body: dict, answer: Answer) -> IdToken:
@@ -153,23 +170,24 @@ class OidcCredential:
             body, answer = await self._token_request(
                 {"grant_type": "client_credentials", "scope": " ".join(self.config.scopes)}, "client credentials")
             return self._served(body, answer)
-        record = self.store.get(self.key)
-        if not record or not record.get("refresh_token"):
-            raise LoginRequired((record or {}).get("login_reason") or "not logged in")
-        presented = record["refresh_token"]
-        try:
-            body, answer = await self._token_request({"grant_type": "refresh_token", "refresh_token": presented},
-                                                     "refreshing the token")
-        except LoginRequired as exc:
-            # Refused (revoked, expired, or a rotated token reused): a new login is needed. Clear
-            # only the token that was refused — a login may have stored a new one meanwhile.
-            if (self.store.get(self.key) or {}).get("refresh_token") == presented:
-                await self.store.update(self.key, refresh_token=None, login_reason=exc.message)
-            raise
-        if body.get("refresh_token") and body["refresh_token"] != presented:
-            # Rotation: the old token is spent. The new one is on disk before anything is served.
-            await self.store.update(self.key, refresh_token=body["refresh_token"])
-        return self._served(body, answer)
+        if not self.login.logged_in():
+            raise LoginRequired(self.login.record().get("login_reason") or "not logged in")
+        url = await self._endpoint("token_endpoint")
+        # The `via` token before the login's lock: waiting on another login while holding ours
+        # would hold up every profile of this one.
+        proxy = await self._headers()
+        answers: list[Answer] = []
+
+        async def exchange(refresh_token: str) -> dict:
+            body, answer = await self._token_request({"grant_type": "refresh_token", "refresh_token": refresh_token},
+                                                     "refreshing the token", url, proxy)
+            answers.append(answer)
+            return body
+
+        # Refused (revoked, expired, a rotated token reused) means login required; rotation is
+        # stored by the login, compare-and-swap, before anything is served.
+        body = await self.login.refresh(url, exchange, self._revoke)
+        return self._served(body, answers[-1])
 
     # -- logging in (authorization code + PKCE, through iapd.login) ------------------------------
 
@@ -207,11 +225,14 @@ class OidcCredential:
         except MalformedToken:
             claims = {}
         email = claims.get("email") or claims.get("preferred_username") or claims.get("sub")
-        previous = (self.store.get(self.key) or {}).get("refresh_token")
-        await self.store.put(self.key, {"refresh_token": body["refresh_token"], "email": email,
-                                        "client_id": self.config.client_id})
-        if previous and previous != body["refresh_token"]:
-            await self._revoke(previous)
+        metadata = await self.metadata()
+        record = {"refresh_token": body["refresh_token"], "email": email, "client_id": self.config.client_id,
+                  # Bound: this refresh token goes to these URLs and no others, whatever the
+                  # config or the discovery document says later.
+                  "token_endpoint": await self._endpoint("token_endpoint")}
+        if isinstance(metadata.get("revocation_endpoint"), str):
+            record["revocation_endpoint"] = metadata["revocation_endpoint"]
+        await self.login.save(record, self._revoke)
         return email or "(unknown account)"
 
     # -- the device grant (RFC 8628) -------------------------------------------------------------
@@ -225,11 +246,13 @@ class OidcCredential:
 
     async def poll_device(self, device: dict[str, Any], deadline: float, sleep=asyncio.sleep) -> str:
         """Poll until the person approved: `authorization_pending` waits the interval,
-        `slow_down` adds 5 seconds to it (RFC 8628 §3.5), anything else ends the login."""
-        interval = float(device.get("interval") or 5)
+        `slow_down` adds 5 seconds to it, a transient failure (5xx, a timeout) backs off and
+        keeps polling (RFC 8628 §3.5); anything else ends the login."""
+        interval = device_interval(device.get("interval"))
+        backoff = 0.0
         loop = asyncio.get_running_loop()
         while True:
-            await sleep(interval)
+            await sleep(interval + backoff)
             if loop.time() > deadline:
                 raise LoginRequired("the device code expired before it was approved")
             data = {"grant_type": "urn:ietf:params:oauth:grant-type:device_code", "device_code": device["device_code"]}
@@ -237,11 +260,15 @@ class OidcCredential:
             try:
                 answer = await self._call("POST", await self._endpoint("token_endpoint"), "completing the device login",
                                           data=data, headers=headers)
+            except UpstreamUnavailable:
+                backoff = min(max(backoff * 2, interval), MAX_DEVICE_INTERVAL)
+                continue
             except UpstreamError as exc:
                 if "authorization_pending" in exc.message:
+                    backoff = 0.0
                     continue
                 if "slow_down" in exc.message:
-                    interval += 5
+                    interval = min(interval + 5, MAX_DEVICE_INTERVAL)
                     continue
                 raise
             return await self._save_login(json_object(answer, "completing the device login"))
@@ -249,25 +276,17 @@ class OidcCredential:
     # -- logging out -----------------------------------------------------------------------------
 
     async def _revoke(self, token: str) -> str | None:
-        url = (await self.metadata()).get("revocation_endpoint")
-        if not isinstance(url, str):
-            return "the issuer has no revocation endpoint"
-        data = {"token": token, "token_type_hint": "refresh_token"}
-        headers = {**(await self._headers()), **(await self._client_auth(data))}
+        """At the revocation endpoint of the login's own issuer (recorded at login), never one a
+        later discovery document or config names."""
+        try:
+            url = self.login.revocation_endpoint() or (await self.metadata()).get("revocation_endpoint")
+            if not isinstance(url, str):
+                return "the issuer has no revocation endpoint"
+            data = {"token": token, "token_type_hint": "refresh_token"}
+            headers = {**(await self._headers()), **(await self._client_auth(data))}
+        except (ConfigProblem, UpstreamError, UpstreamUnavailable, LoginRequired) as exc:
+            return exc.message
         return await revoke(self.ctx.session, url, token, data=data, headers=headers)
 
     async def logout(self) -> dict[str, Any]:
-        record = self.store.get(self.key)
-        result: dict[str, Any] = {"credential": self.key, "email": record.get("email") if record else None,
-                                  "revoked": False, "wiped": False}
-        if record and record.get("refresh_token"):
-            try:
-                error = await self._revoke(record["refresh_token"])
-            except (ConfigProblem, UpstreamError) as exc:
-                error = exc.message
-            result["revoked"] = error is None
-            if error is not None:
-                result["revoke_error"] = error
-        result["wiped"] = await self.store.delete(self.key)
-        return result
-
+        return await self.login.logout(self._revoke)

@@ -25,7 +25,7 @@ from typing import Any, Callable
 
 from iapd.config import ADCSource, ImpersonateSource, KeyFileSource, MetadataSource
 from iapd.errors import ConfigProblem, LoginRequired, UpstreamError, UpstreamUnavailable
-from iapd.google_creds import CLOUD_PLATFORM, adc_file, credentials_from_info, read_credentials_file
+from iapd.google_creds import CLOUD_PLATFORM, adc_file, credentials_from_info, file_stamp, read_credentials_file
 from iapd.google_http import fetch, json_object
 from iapd.sources.base import IdToken, SourceContext
 
@@ -200,12 +200,23 @@ class ADCCredential:
         self.ctx = ctx
         self.key = f"adc:{config.credentials_file or 'default'}"
         self._inner = None
+        self._stamp: tuple | None = None  # of the file `_inner` was made from
 
     def identity(self) -> str | None:
         return self._inner.identity() if self._inner is not None else None
 
+    async def changed(self) -> bool:
+        """Whether the credentials file is another one now (`gcloud auth application-default
+        login` again, a swapped file, one created or removed): then it is read again."""
+        stamp = await asyncio.to_thread(lambda: file_stamp(self.config.credentials_file or adc_file()))
+        if stamp == self._stamp:
+            return False
+        self._inner, self._stamp = None, stamp
+        return True
+
     async def fetch(self, audience: str | None) -> IdToken:
         if self._inner is None:
+            self._stamp = await asyncio.to_thread(lambda: file_stamp(self.config.credentials_file or adc_file()))
             self._inner = await self._resolve()
         return await self._inner.fetch(audience)
 

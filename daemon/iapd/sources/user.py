@@ -10,33 +10,33 @@ import asyncio
 from typing import Any
 from urllib.parse import urlencode
 
+from iapd.config import Endpoints
 from iapd.config import UserSource as UserConfig
 from iapd.errors import BadRequest, LoginRequired, UpstreamError
-from iapd.google_http import fetch, json_object, request_json, revoke
+from iapd.google_http import Answer, fetch, json_object, request_json, revoke
 from iapd.jwt import MalformedToken, unverified_claims
+from iapd.logins import GOOGLE_TOKEN_URL, Login
 from iapd.secret_manager import read_secret
 from iapd.sources.base import IdToken, SourceContext
-from iapd.store import CredentialStore
 
 
 class UserCredential:
     kind = "user"
 
-    def __init__(self, config: UserConfig, store: CredentialStore, ctx: SourceContext) -> None:
+    def __init__(self, config: UserConfig, login: Login, ctx: SourceContext) -> None:
         self.config = config
-        self.store = store
+        self.login = login  # the refresh token, its lock and its record: shared, never copied here
+        self.store = login.store
         self.ctx = ctx
-        self.key = f"user:{config.client_id}"
+        self.key = login.key
         self._secret_lock = asyncio.Lock()
         self._secret: str | None = None  # read from Secret Manager, before the store has a record
 
     def identity(self) -> str | None:
-        record = self.store.get(self.key)
-        return record.get("email") if record else None
+        return self.login.identity()
 
     def logged_in(self) -> bool:
-        record = self.store.get(self.key)
-        return bool(record and record.get("refresh_token"))
+        return self.login.logged_in()
 
     async def client_secret(self, fresh: bool = False) -> str:
         """From the config, else from the store, else read once from Secret Manager (one read at
@@ -84,30 +84,25 @@ class UserCredential:
         raise BadRequest("Google's desktop clients have no device grant here: use `iapctl login PROFILE --no-browser`")
 
     async def fetch(self, audience: str | None) -> IdToken:
-        record = self.store.get(self.key)
-        if not record or not record.get("refresh_token"):
-            raise LoginRequired((record or {}).get("login_reason") or "not logged in")
-        data = {"grant_type": "refresh_token", "client_id": self.config.client_id,
-                "client_secret": await self.client_secret(), "refresh_token": record["refresh_token"]}
-        if audience:
-            data["audience"] = audience
+        if not self.login.logged_in():
+            raise LoginRequired(self.login.record().get("login_reason") or "not logged in")
+        secret = await self.client_secret()
         what = "refreshing the ID token"
-        try:
-            answer = await fetch(self.ctx.session, "POST", self.ctx.endpoints.token_url, data=data, what=what)
-        except LoginRequired as exc:
-            # The grant is dead: drop it (and never try it again); status still shows who it was.
-            # Only if it is still the one refused: a login may have stored a new one meanwhile.
-            if (self.store.get(self.key) or {}).get("refresh_token") == record["refresh_token"]:
-                await self.store.update(self.key, refresh_token=None, login_reason=exc.message)
-            raise
-        body = json_object(answer, what)
-        if body.get("refresh_token") and body["refresh_token"] != record["refresh_token"]:
-            # Rotation (not Google's habit, but OAuth allows it): the old one may be dead now,
-            # so the new one must be on disk before we use the token it came with.
-            await self.store.update(self.key, refresh_token=body["refresh_token"])
+        answers: list[Answer] = []
+
+        async def exchange(refresh_token: str) -> dict:
+            data = {"grant_type": "refresh_token", "client_id": self.config.client_id, "client_secret": secret,
+                    "refresh_token": refresh_token}
+            if audience:
+                data["audience"] = audience
+            answers.append(await fetch(self.ctx.session, "POST", self.ctx.endpoints.token_url, data=data, what=what))
+            return json_object(answers[-1], what)
+
+        # Rotation (not Google's habit, but OAuth allows it) is the login's to store, once.
+        body = await self.login.refresh(self.ctx.endpoints.token_url, exchange, self._revoke)
         if not isinstance(body.get("id_token"), str):
             raise UpstreamError("the token endpoint returned no id_token (is `openid` in the login's scope?)")
-        return IdToken.received(body["id_token"], self.ctx.clock, answer.server_date)
+        return IdToken.received(body["id_token"], self.ctx.clock, answers[-1].server_date)
 
     async def exchange_code(self, code: str, redirect_uri: str, verifier: str) -> str:
         """Finish a login: code → refresh token, saved. Returns the email that logged in."""
@@ -127,14 +122,14 @@ class UserCredential:
             await self._revoke(body["refresh_token"])  # a grant we will not keep must not live on
             raise LoginRequired(mismatch)
         record: dict[str, Any] = {"refresh_token": body["refresh_token"], "email": email,
-                                  "client_id": self.config.client_id}
+                                  "client_id": self.config.client_id,
+                                  # Bound: this refresh token goes to these two URLs and no others.
+                                  "token_endpoint": self.ctx.endpoints.token_url,
+                                  "revocation_endpoint": self.ctx.endpoints.revoke_url}
         if self.config.client_secret_name:
             record.update(client_secret=secret, client_secret_name=self.config.client_secret_name)
-        previous = (self.store.get(self.key) or {}).get("refresh_token")
-        await self.store.put(self.key, record)
-        if previous and previous != body["refresh_token"]:
-            # prompt=consent mints a new refresh token each login; the old grant must not live on.
-            await self._revoke(previous)
+        # prompt=consent mints a new refresh token each login; the login revokes the one it replaces.
+        await self.login.save(record, self._revoke)
         return email or "(unknown account)"
 
     def _wrong_account(self, claims: dict[str, Any]) -> str | None:
@@ -148,19 +143,14 @@ class UserCredential:
         return None
 
     async def _revoke(self, token: str) -> str | None:
-        return await revoke(self.ctx.session, self.ctx.endpoints.revoke_url, token)
+        # At the login's own revocation endpoint. Without one: a record of before binding is
+        # Google's (its key names no endpoint); a grant not stored yet is the configured one's.
+        url = self.login.revocation_endpoint() or (
+            Endpoints().revoke_url if self.login.default_endpoint == GOOGLE_TOKEN_URL and self.login.record()
+            else self.ctx.endpoints.revoke_url)
+        return await revoke(self.ctx.session, url, token)
 
     async def logout(self) -> dict[str, Any]:
-        """Revoke at Google (best effort, reported), then wipe the store entry."""
-        record = self.store.get(self.key)
-        result: dict[str, Any] = {"credential": self.key, "email": record.get("email") if record else None,
-                                  "revoked": False, "wiped": False}
-        if record and record.get("refresh_token"):
-            # Best effort: already dead, refused or unreachable — the wipe happens regardless.
-            # RFC 7009: success is the status code; the body is to be ignored (it may be empty).
-            error = await self._revoke(record["refresh_token"])
-            result["revoked"] = error is None
-            if error is not None:
-                result["revoke_error"] = error
-        result["wiped"] = await self.store.delete(self.key)
-        return result
+        """Revoke at the issuer (best effort, reported), then wipe the store entry. RFC 7009:
+        success is the status code; the body is to be ignored (it may be empty)."""
+        return await self.login.logout(self._revoke)
