@@ -169,8 +169,10 @@ class DaemonProcess:
     def profile_status(self, name: str) -> dict:
         return next(p for p in self.status()["profiles"] if p["name"] == name)
 
-    def set_clock(self, wall_offset: float) -> None:
-        assert self.request("POST", "/v1/test/clock", {"wall_offset": wall_offset}).status == 200
+    def set_clock(self, wall_offset: float, mono_offset: float = 0.0) -> None:
+        """Shift the daemon's clocks: the wall clock alone (NTP, a person), or both (a suspend)."""
+        body = {"wall_offset": wall_offset, "mono_offset": mono_offset}
+        assert self.request("POST", "/v1/test/clock", body).status == 200
 
     def login(self, profile: str = "demo-user") -> dict:
         """Start a login, let a 'browser' (curl following redirects) complete it, wait for it."""
@@ -238,3 +240,26 @@ def daemon_factory(tmp_path, emulator):
 @pytest.fixture
 def daemon(daemon_factory) -> DaemonProcess:
     return daemon_factory()
+
+
+# -- an OpenID Provider someone else wrote ------------------------------------------------------
+
+OP_DIR = Path(__file__).parent / "oidc_provider"
+
+
+@pytest.fixture(scope="session")
+def independent_op():
+    """node-oidc-provider (certified, from npm) as a real server on loopback: its issuer URL.
+    `make test` installs it; plain pytest without it skips, saying how to get it."""
+    import shutil
+
+    if shutil.which("node") is None:
+        pytest.skip("node is missing: install Node.js (Debian: apt-get install nodejs npm), then `make test`")
+    if not (OP_DIR / "node_modules" / "oidc-provider").exists():
+        pytest.skip("node-oidc-provider is missing: `make test` installs it (npm ci in tests/oidc_provider)")
+    proc = subprocess.Popen(["node", "server.mjs"], cwd=OP_DIR, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                            text=True)
+    line = proc.stdout.readline()
+    assert line, "node-oidc-provider did not start"
+    yield json.loads(line)["issuer"]
+    stop_process(proc)

@@ -89,7 +89,9 @@ def test_a_refresh_token_only_for_offline_access(emulator):
 def test_an_audience_of_another_project_is_refused(emulator):
     rt = login(emulator)["refresh_token"]
     resp = refresh(emulator, rt, OTHER_PROJECT_IAP)
-    assert resp.status_code == 400 and resp.json()["error"] == "invalid_request"
+    # Google's words for it (CapacitorGoogleAuth #199 quotes them from the wild).
+    assert resp.status_code == 400 and resp.json() == {
+        "error": "invalid_audience", "error_description": "The audience client and the client need to be in the same project."}
     assert refresh(emulator, rt, IAP).status_code == 200
 
 
@@ -272,7 +274,7 @@ def test_error_kinds_are_told_apart_and_retried_as_they_deserve(daemon_factory, 
     refused = "refused_audience:nope-iap.apps.googleusercontent.com"
     for _ in range(2):
         out = token("wrong-audience")
-        assert out.returncode == 6 and "Invalid audience" in out.stderr and "try again" not in out.stderr
+        assert out.returncode == 6 and "invalid_audience" in out.stderr and "try again" not in out.stderr
         time.sleep(0.3)
     assert emulator.counters()[refused] == 1
     # ...which a new login retries at once.

@@ -13,25 +13,17 @@ from pathlib import Path
 import pytest
 import requests
 
-from conftest import stop_process
+from conftest import OP_DIR, stop_process
 from iapd.jwt import unverified_claims
 from test_client import IAPCTL, failed, iapctl
 from test_oidc import read_until
 
-OP_DIR = Path(__file__).parent / "oidc_provider"
-pytestmark = pytest.mark.skipif(shutil.which("node") is None or not (OP_DIR / "node_modules" / "oidc-provider").exists(),
-                                reason="node, or node-oidc-provider (installed by `make test`), is missing")
 PERSON = f"{sys.executable} {OP_DIR / 'person.py'} %s"
 
 
-@pytest.fixture(scope="module")
-def op():
-    proc = subprocess.Popen(["node", "server.mjs"], cwd=OP_DIR, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                            text=True)
-    line = proc.stdout.readline()
-    assert line, "node-oidc-provider did not start"
-    yield json.loads(line)["issuer"]
-    stop_process(proc)
+@pytest.fixture
+def op(independent_op):
+    return independent_op
 
 
 def config_for(emulator, tmp_path, op: str) -> Path:

@@ -138,6 +138,12 @@ class OidcSource(_Strict):
             raise ValueError("the client_credentials grant needs a client_secret")
         if self.token == "id_token" and "openid" not in self.scopes:
             raise ValueError("token = \"id_token\" needs \"openid\" in scopes")
+        if self.redirect_uri is not None:
+            from urllib.parse import urlsplit
+
+            parts = urlsplit(self.redirect_uri)
+            if parts.scheme != "http" or parts.hostname not in ("127.0.0.1", "localhost"):
+                raise ValueError("redirect_uri must be a loopback URI: http://127.0.0.1:PORT/… or http://localhost:PORT/…")
         return self
 
 

@@ -186,7 +186,7 @@ class LoginManager:
         gate = Gate("login listener", identify, header_timeout=10.0, max_connections=LISTENER_MAX_CONNECTIONS)
         await GuardedSite(runner, sock, gate).start()
         port = sock.getsockname()[1]
-        redirect_uri = f"http://127.0.0.1:{port}{path}"
+        redirect_uri = credential.redirect_uri(port)
         flow = LoginFlow(credential, verifier, state, redirect_uri,
                          await credential.authorization_url(redirect_uri, state, challenge),
                          f"http://127.0.0.1:{port}{START_PATH}{nonce}", nonce, time.time() + self.timeout,

@@ -1,8 +1,10 @@
 """A person at a browser, for an OpenID Provider's own login and consent pages (node-oidc-provider's
 development interactions): follows redirects, fills each form (login: alice), submits, until the
-browser lands on the loopback redirect — which it then loads, as a browser would. Used as
+browser lands on the loopback redirect — which it then loads, as a browser would. Signs in as
+$PERSON_LOGIN (default alice). Used as
 BROWSER="python person.py %s" by tests/test_independent_op.py."""
 
+import os
 import re
 import sys
 from urllib.parse import urljoin
@@ -25,6 +27,6 @@ for _ in range(20):
         name, value = re.search(r'name="([^"]+)"', tag), re.search(r'value="([^"]*)"', tag)
         if name:
             fields[name.group(1)] = value.group(1) if value else ""
-    fields.update(login="alice", password="anything")
+    fields.update(login=os.environ.get("PERSON_LOGIN", "alice"), password="anything")
     url, method, data = urljoin(url, form.group(1)), "POST", fields
 sys.exit(1)

@@ -51,5 +51,33 @@ const provider = new Provider(issuer, {
   ttl: { AccessToken: 3600, IdToken: 3600, ClientCredentials: 3600, DeviceCode: 600 },
 });
 provider.proxy = false;
-server.on('request', provider.callback());
+
+// Test hooks, outside the provider: hold back the answer to the next token request (so a test
+// can act while a refresh is at the issuer), and count token requests in flight.
+const hooks = { delayNextMs: 0, inFlight: 0, maxInFlight: 0 };
+const callback = provider.callback();
+server.on('request', (req, res) => {
+  if (req.url.startsWith('/_test/')) {
+    const url = new URL(req.url, issuer);
+    if (url.pathname === '/_test/delay') hooks.delayNextMs = Number(url.searchParams.get('ms') || 0);
+    if (url.pathname === '/_test/reset') Object.assign(hooks, { delayNextMs: 0, maxInFlight: 0 });
+    res.setHeader('content-type', 'application/json');
+    res.end(JSON.stringify(hooks));
+    return;
+  }
+  if (req.method === 'POST' && req.url === '/token') {
+    hooks.inFlight += 1;
+    hooks.maxInFlight = Math.max(hooks.maxInFlight, hooks.inFlight);
+    res.on('close', () => { hooks.inFlight -= 1; });
+    const delay = hooks.delayNextMs;
+    hooks.delayNextMs = 0;
+    if (delay > 0) {
+      // The provider does its work (a rotation happens at once); only the answer is held back,
+      // as when a network is slow: the client may be gone by the time it is sent.
+      const end = res.end.bind(res);
+      res.end = (...args) => { setTimeout(() => end(...args), delay); return res; };
+    }
+  }
+  callback(req, res);
+});
 process.stdout.write(JSON.stringify({ issuer }) + '\n');

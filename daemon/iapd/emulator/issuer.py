@@ -186,7 +186,9 @@ def _tokens(state: IssuerState, request: web.Request, grant: Grant, audience: st
     body = {"access_token": access, "token_type": "Bearer", "expires_in": state.token_lifetime,
             "scope": " ".join(grant.scope)}
     if "openid" in grant.scope:
-        claims = {"iss": issuer_url(request), "sub": grant.subject, "aud": audience or grant.client_id,
+        # OIDC Core §2: an ID token's `aud` is the client id, whatever `audience` was asked for
+        # (Auth0 and Okta put that one in the *access* token, as here).
+        claims = {"iss": issuer_url(request), "sub": grant.subject, "aud": grant.client_id,
                   "azp": grant.client_id, "iat": now, "exp": now + state.token_lifetime}
         if "email" in grant.scope:
             claims.update(email=grant.subject, email_verified=True)
@@ -221,10 +223,7 @@ async def token(request: web.Request) -> web.Response:
         if grant is None:
             family = state.used_refresh.get(presented)
             if family is not None:  # reuse of a rotated token: someone has a copy; kill the family
-                state.dead_families.add(family)
-                for live, other in list(state.refresh.items()):
-                    if other.family == family:
-                        del state.refresh[live]
+                _kill_family(state, family)
             return _error("invalid_grant", "refresh token is invalid, expired, revoked or already used")
         if grant.client_id != client.client_id or grant.family in state.dead_families:
             return _error("invalid_grant", "refresh token is invalid")
@@ -279,6 +278,14 @@ async def device_page(request: web.Request) -> web.Response:
     return web.Response(status=400, text="unknown user code")
 
 
+def _kill_family(state: IssuerState, family: str) -> None:
+    """The whole grant a rotation family belongs to is revoked, every live token of it with it."""
+    state.dead_families.add(family)
+    for live, other in list(state.refresh.items()):
+        if other.family == family:
+            del state.refresh[live]
+
+
 async def revoke(request: web.Request) -> web.Response:
     state, form = request.app[ISSUER_KEY], await request.post()
     _authenticate(state, request, form)  # 401 unless the client is who it says
@@ -286,6 +293,9 @@ async def revoke(request: web.Request) -> web.Response:
     grant = state.refresh.pop(value, None)
     if grant is not None:
         state.dead_families.add(grant.family)
+    family = state.used_refresh.get(value)
+    if family is not None:  # a spent token of a rotation family: revoking it revokes the grant
+        _kill_family(state, family)
     state.access.pop(value, None)
     return web.Response(status=200)  # RFC 7009: 200 whether or not the token was known
 

@@ -211,9 +211,9 @@ def _refresh(state: EmulatorState, request: web.Request, form) -> web.Response:
         target = state.clients.get(str(audience))
         if target is None or target.project != client.project:
             # Google mints ID tokens only for an OAuth client of the same project as the client
-            # asking; the exact error is not documented, this is the closest documented shape.
+            # asking, and says so in these words (seen in the wild: CapacitorGoogleAuth #199).
             state.counters[f"refused_audience:{audience}"] += 1
-            return oauth_error("invalid_request", f"Invalid audience: {audience}")
+            return oauth_error("invalid_audience", "The audience client and the client need to be in the same project.")
     state.counters[f"refresh:{audience or client.client_id}"] += 1
     body = {
         "access_token": state.issue_access_token(grant.email),

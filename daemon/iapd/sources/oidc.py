@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import math
 from typing import Any, Awaitable, Callable
-from urllib.parse import quote, urlencode, urlsplit
+from urllib.parse import quote, urlencode, urlsplit, urlunsplit
 
 from iapd.config import OidcSource
 from iapd.errors import ConfigProblem, LoginRequired, UpstreamError, UpstreamUnavailable, ViaLoginRequired
@@ -202,6 +202,17 @@ class OidcCredential:
             return 0, "/oauth2/callback"
         parts = urlsplit(self.config.redirect_uri)
         return parts.port or 0, parts.path or "/"
+
+    def redirect_uri(self, port: int) -> str:
+        """The redirect URI sent, character for character as configured when it names a port:
+        exact-match providers (Okta, Auth0, Keycloak without wildcards) refuse `127.0.0.1` for
+        a registered `localhost`. Without a port, the listener's (ephemeral) one goes in."""
+        if self.config.redirect_uri is None:
+            return f"http://127.0.0.1:{port}/oauth2/callback"
+        parts = urlsplit(self.config.redirect_uri)
+        if parts.port:
+            return self.config.redirect_uri
+        return urlunsplit((parts.scheme, f"{parts.hostname}:{port}", parts.path or "/", parts.query, ""))
 
     async def authorization_url(self, redirect_uri: str, state: str, challenge: str) -> str:
         params = {"client_id": self.config.client_id, "redirect_uri": redirect_uri, "response_type": "code",

@@ -67,6 +67,9 @@ class UserCredential:
     def redirect(self) -> tuple[int, str]:
         return 0, "/oauth2/callback"  # an ephemeral port: never a fixed one (flyte-iap's 4444)
 
+    def redirect_uri(self, port: int) -> str:
+        return f"http://127.0.0.1:{port}/oauth2/callback"  # Google's desktop clients take any loopback port
+
     async def authorization_url(self, redirect_uri: str, state: str, challenge: str) -> str:
         params = {
             "client_id": self.config.client_id, "redirect_uri": redirect_uri, "response_type": "code",
