@@ -242,6 +242,32 @@ def daemon(daemon_factory) -> DaemonProcess:
     return daemon_factory()
 
 
+# -- a disk that fills up -----------------------------------------------------------------------
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A real 64 KiB tmpfs (we run as root here and in CI): a full disk, not a faked write error."""
+    folder = tmp_path / "tiny"
+    folder.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k,mode=0700", "tmpfs", str(folder)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    yield folder
+    subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+def fill(folder: Path) -> None:
+    """Fill the disk `folder` is on, with a file named `filler`."""
+    fd = os.open(folder / "filler", os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        while True:
+            os.write(fd, b"\0" * 4096)
+    except OSError:
+        pass  # the disk is full
+    finally:
+        os.close(fd)
+
+
 # -- an OpenID Provider someone else wrote ------------------------------------------------------
 
 OP_DIR = Path(__file__).parent / "oidc_provider"

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import browse, stop_process, wait_for
+from conftest import browse, fill, stop_process, wait_for
 from test_client import IAPCTL, failed, iapctl
 
 SETPRIV = shutil.which("setpriv")
@@ -350,31 +350,12 @@ def test_logout_all_revokes_the_logins_of_an_unreadable_store(daemon, emulator):
     assert not Path(aside).exists() and daemon.status()["daemon"]["unreadable_stores"] == []
 
 
-@pytest.fixture
-def tiny_disk(tmp_path):
-    folder = tmp_path / "tiny"
-    folder.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k,mode=0700", "tmpfs", str(folder)],
-                      capture_output=True).returncode != 0:
-        pytest.skip("cannot mount a small tmpfs here")
-    yield folder
-    subprocess.run(["umount", "-l", str(folder)], check=False)
-
-
 def test_a_full_disk_fails_the_login_at_once_and_leaves_no_temp_file(daemon_factory, tiny_disk):
     daemon = daemon_factory(start=False)
     daemon.config.write_text(daemon.config.read_text().replace(f'state_dir = "{daemon.state_dir}"',
                                                                f'state_dir = "{tiny_disk}"'))
     daemon.start()
-    filler = tiny_disk / "filler"
-    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
-    try:
-        while True:
-            os.write(fd, b"\0" * 4096)
-    except OSError:
-        pass  # the disk is full
-    finally:
-        os.close(fd)
+    fill(tiny_disk)
     started = daemon.request("POST", "/v1/login/demo-user").json()
     browse(started["browser_url"])
     outcome = daemon.request("GET", "/v1/login/demo-user?wait=20", timeout=30).json()

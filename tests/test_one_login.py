@@ -20,7 +20,7 @@ from urllib.parse import unquote_plus
 
 import pytest
 
-from conftest import OP_DIR, wait_for
+from conftest import OP_DIR, fill, wait_for
 from iapd.jwt import unverified_claims
 from test_client import CURL_BROWSER, DESKTOP, failed, iapctl
 from test_emulator import desktop_secret
@@ -153,42 +153,18 @@ def test_a_login_during_a_renewal_wins(daemon_factory, emulator, tmp_path, issue
         assert emulator.state()["oidc"]["live_refresh_tokens"] == live + 1
 
 
-@pytest.fixture
-def tiny_state(tmp_path):
-    import subprocess
-
-    folder = tmp_path / "tiny"
-    folder.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k,mode=0700", "tmpfs", str(folder)],
-                      capture_output=True).returncode != 0:
-        pytest.skip("cannot mount a small tmpfs here")
-    yield folder
-    subprocess.run(["umount", "-l", str(folder)], check=False)
-
-
-def fill(folder) -> None:
-    fd = os.open(folder / "filler", os.O_WRONLY | os.O_CREAT, 0o600)
-    try:
-        while True:
-            os.write(fd, b"\0" * 4096)
-    except OSError:
-        pass  # the disk is full
-    finally:
-        os.close(fd)
-
-
-def test_a_failed_write_of_a_rotated_token_loses_nothing(daemon_factory, emulator, tmp_path, tiny_state, issuer):
+def test_a_failed_write_of_a_rotated_token_loses_nothing(daemon_factory, emulator, tmp_path, tiny_disk, issuer):
     config = tmp_path / "full.toml"
     config.write_text(emulator.config_path.read_text() + issuer.body(KF))
     daemon = daemon_factory(config=config, name="full", start=False)
     daemon.config.write_text(daemon.config.read_text().replace(f'state_dir = "{daemon.state_dir}"',
-                                                               f'state_dir = "{tiny_state}"'))
-    daemon.state_dir = tiny_state
+                                                               f'state_dir = "{tiny_disk}"'))
+    daemon.state_dir = tiny_disk
     daemon.start()
     env = env_of(daemon, tmp_path)
     assert iapctl("login", "kf", env={**env, "BROWSER": issuer.browser}).returncode == 0
     spent = oidc_record(daemon)["refresh_token"]
-    fill(tiny_state)
+    fill(tiny_disk)
     daemon.set_clock(3600)  # a refresh rotates the token; the write of the new one fails
     assert iapctl("token", "kf", env=env).returncode == 0
     assert oidc_record(daemon)["refresh_token"] == spent  # the disk could not take the new one
@@ -196,7 +172,7 @@ def test_a_failed_write_of_a_rotated_token_loses_nothing(daemon_factory, emulato
     daemon.set_clock(7200)  # the next refresh presents the new token, from memory: not the spent one
     out = iapctl("token", "kf", env=env)
     assert out.returncode == 0, out.stderr
-    (tiny_state / "filler").unlink()  # space again: the next refresh writes what it holds
+    (tiny_disk / "filler").unlink()  # space again: the next refresh writes what it holds
     daemon.set_clock(10800)
     assert iapctl("token", "kf", env=env).returncode == 0
     assert oidc_record(daemon)["refresh_token"] != spent
