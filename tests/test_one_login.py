@@ -315,6 +315,29 @@ def test_a_token_with_less_than_the_margin_left_is_never_served(daemon, emulator
     assert daemon.profile_status("demo-user")["expires_in"] > 3000
 
 
+def test_a_fresh_token_with_less_than_the_margin_left_is_asked_again_not_served(daemon_factory, emulator, tmp_path):
+    """An upstream whose cache hands back a token with seconds left (this metadata server
+    keeps them to the end): iapd asks again, a few times, and serves only a token that keeps
+    the margin promise — here none, so a clear error rather than 30 s of token."""
+    from test_service_accounts import SOURCES, profiles
+
+    emulator.settings(metadata_cache_until_left=0)
+    metadata = f"{emulator.url('metadata_url')}/computeMetadata/v1/instance/service-accounts/default/identity"
+    import requests
+
+    requests.get(metadata, params={"audience": "123456789012-iap.apps.googleusercontent.com", "format": "full"},
+                 headers={"Metadata-Flavor": "Google"}, timeout=10)  # the server's cache now holds one
+    emulator.settings(clock_offset=3600 - 30)  # …with 30 s left by the server's clock
+    daemon = daemon_factory(config=profiles(emulator, tmp_path, SOURCES), name="md30")
+    counter = "metadata_identity:123456789012-iap.apps.googleusercontent.com"
+    before = emulator.counters().get(counter, 0)
+    resp = daemon.request("GET", "/v1/token/metadata")
+    assert resp.status == 503 and "less than 60s left" in resp.json()["message"], resp.body
+    assert emulator.counters()[counter] - before == 3  # asked again, bounded
+    emulator.settings(metadata_cache=False)  # the upstream mints fresh ones again
+    wait_for(lambda: daemon.request("GET", "/v1/token/metadata").status == 200, what="a fresh token after backoff")
+
+
 def test_the_advertised_expiry_is_the_tokens_less_the_margin(daemon, emulator):
     daemon.login()
     served = daemon.request("GET", "/v1/token/demo-user?format=json").json()
@@ -380,3 +403,17 @@ def test_the_emulated_issuer_revokes_the_grant_when_a_spent_token_is_revoked(dae
                          timeout=10).status_code == 200
     daemon.set_clock(7200)
     failed(iapctl("token", "kf", env=env), 4, "login required for profile kf")
+
+
+def test_a_workload_identity_refusal_is_a_refusal_with_its_reason(daemon_factory, emulator, tmp_path):
+    """STS says no with an OAuth error (google-auth raises OAuthError, not RefreshError): a
+    permanent refusal that says why, not an "unexpected error" retried every two minutes."""
+    from test_service_accounts import SOURCES, profiles
+
+    daemon = daemon_factory(config=profiles(emulator, tmp_path, SOURCES), name="wifno")
+    emulator.fault("invalid_grant", endpoint="sts")
+    resp = daemon.request("GET", "/v1/token/wif")
+    assert resp.status == 502 and resp.json()["error"] == "upstream_error", resp.body
+    assert "STS" in resp.json()["message"] and "invalid_grant" in resp.json()["message"]
+    assert daemon.profile_status("wif")["state"] == "refused"
+    assert "unexpected error" not in daemon.logs()

@@ -115,7 +115,7 @@ async def control_post(request: web.Request) -> web.Response:
         body = await request.json() if request.can_read_body else {}
         if action == "settings":
             for key in ("token_lifetime", "clock_offset", "approve", "rotate_refresh_tokens", "user_email",
-                        "metadata_cache"):
+                        "metadata_cache", "metadata_cache_until_left"):
                 if key in body:
                     setattr(state, key, type(getattr(state, key))(body[key]))
             if "metadata_cache" in body:

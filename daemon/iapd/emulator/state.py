@@ -105,6 +105,9 @@ class EmulatorState:
     iam: dict[str, dict[str, set[str]]] = field(default_factory=dict)
     # The metadata server caches ID tokens per audience (True: as Google's does)
     metadata_cache: bool = True
+    # How close to its end a cached ID token is still handed back: Google's is 5 minutes; a test
+    # sets it lower to play an upstream whose cache hands back tokens with seconds left.
+    metadata_cache_until_left: float = METADATA_CACHE_UNTIL_LEFT
     metadata_tokens: dict[tuple[str, str], str] = field(default_factory=dict)
     secrets: dict[str, bytes] = field(default_factory=dict)
     # The generic OpenID Connect issuer at /oidc (emulator.issuer)
@@ -208,7 +211,7 @@ class EmulatorState:
         if self.metadata_cache and cached is not None:
             from google.auth import jwt as google_jwt
 
-            if google_jwt.decode(cached, verify=False)["exp"] - self.now() > METADATA_CACHE_UNTIL_LEFT:
+            if google_jwt.decode(cached, verify=False)["exp"] - self.now() > self.metadata_cache_until_left:
                 return cached
         token = self.sa_id_token(sa, audience, extra=extra)
         self.metadata_tokens[key] = token
