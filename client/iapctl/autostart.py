@@ -127,13 +127,22 @@ def _lock(fd: int, deadline: float) -> None:
             time.sleep(0.02)
 
 
+# What the daemon is given of its starter's environment, by name. It outlives the command that
+# started it, so one `HTTPS_PROXY=… iapctl token` (or a PYTHONPATH, an SSL_CERT_FILE, another
+# GOOGLE_APPLICATION_CREDENTIALS) must not become every later refresh's: network settings
+# and credential files come from the config's `[daemon] environment`, for autostart and units alike.
+PASSED_TO_DAEMON = ("HOME", "USER", "LOGNAME", "PATH", "LANG", "LANGUAGE", "TZ", "TMPDIR", "XDG_CONFIG_HOME",
+                    "XDG_STATE_HOME", "XDG_RUNTIME_DIR", "XDG_CACHE_HOME", "XDG_DATA_HOME", "IAPD_CONFIG")
+
+
 def _daemon_env(socket_path: str, notify_path: str) -> dict[str, str]:
-    """Our environment for the daemon, with every path it reads made absolute: it runs in the
-    home directory, not in the caller's (possibly untrusted) working directory."""
-    env = {**os.environ, "NOTIFY_SOCKET": notify_path, "IAPD_SOCKET": os.path.abspath(socket_path)}
-    for var in ("IAPD_CONFIG", "GOOGLE_APPLICATION_CREDENTIALS", "CLOUDSDK_CONFIG"):
-        if env.get(var):
-            env[var] = os.path.abspath(env[var])
+    """The daemon's environment: only what it needs, every path it reads made absolute (it
+    runs in the home directory, not in the caller's, possibly untrusted, working directory)."""
+    env = {name: value for name, value in os.environ.items()
+           if name in PASSED_TO_DAEMON or name.startswith("LC_")}
+    env.update(NOTIFY_SOCKET=notify_path, IAPD_SOCKET=os.path.abspath(socket_path))
+    if env.get("IAPD_CONFIG"):
+        env["IAPD_CONFIG"] = os.path.abspath(env["IAPD_CONFIG"])
     return env
 
 

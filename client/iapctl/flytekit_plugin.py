@@ -29,7 +29,7 @@ def authenticator(cfg, cfg_store):
     from flytekit.clients.auth.exceptions import AuthenticationError
     from flytekit.clients.auth.keyring import Credentials
 
-    from iapctl.cli import Failure, _failure_of, call, error_of
+    from iapctl.cli import Failure, _failure_of, call, error_of, valid_profile
 
     class IapdAuthenticator(Authenticator):
         def __init__(self, endpoint: str, profile: str) -> None:
@@ -37,6 +37,8 @@ def authenticator(cfg, cfg_store):
             self.profile = profile
 
         def refresh_credentials(self) -> None:
+            if not valid_profile(self.profile):  # from a config or $IAPD_FLYTE_PROFILE: it goes into a URL
+                raise AuthenticationError(f"iapd: invalid profile name {self.profile!r}")
             try:
                 resp = call("GET", f"/v1/token/{self.profile}")
                 if resp.status != 200:

@@ -88,6 +88,39 @@ def unsafe_dir(path: str) -> str | None:
     return None
 
 
+def unsafe_file(path: str) -> str | None:
+    """Why another local user could change what `path` (a file we take instructions from: the
+    config) says, or None. The file must be ours (or root's) and writable by nobody else; so
+    must every directory above it, as OpenSSH requires of its own files — except a sticky one
+    of root's (/tmp), where others cannot rename or replace what is ours. A symlinked file is
+    judged where it points, and the link where it lies."""
+    me = os.getuid()
+    chains = [os.path.abspath(path)]
+    real = os.path.realpath(path)
+    if real != chains[0]:
+        chains.append(real)
+    for target in chains:
+        current = target
+        while True:
+            try:
+                info = os.lstat(current)
+            except FileNotFoundError:
+                # Nothing there yet: but whoever controls the directory could put it there later.
+                current = os.path.dirname(current)
+                continue
+            except OSError as exc:
+                return f"{current} cannot be inspected ({exc.strerror})"
+            if info.st_uid not in (me, 0):
+                return f"{current} belongs to uid {info.st_uid}, not to you (uid {me})"
+            writable = info.st_mode & 0o022 and not os.path.islink(current)
+            if writable and not (current != target and info.st_mode & 0o1000 and info.st_uid == 0):
+                return f"{current} is writable by other users (mode {info.st_mode & 0o7777:o})"
+            parent = os.path.dirname(current)
+            if parent == current:
+                return None
+            current = parent
+
+
 class UnsafePath(Exception):
     """A directory we would put secrets or a socket in is not ours alone."""
 

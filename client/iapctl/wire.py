@@ -69,6 +69,9 @@ def request(socket_path: str, method: str, target: str, body: bytes | None = Non
             timeout: float = DEFAULT_TIMEOUT) -> Response:
     """One request, bounded as a whole by `timeout` (not per read: a server that trickles a
     byte at a time must not keep us past it)."""
+    if not all("!" <= c <= "~" for c in target):
+        # A CR/LF (or a space) in a profile name would put a second request on the socket.
+        raise ValueError(f"refusing a request target with a space or control character: {target[:60]!r}")
     deadline = time.monotonic() + timeout
     folder = socket_path.rpartition("/")[0] or "/"
     reason = unsafe_dir(folder)

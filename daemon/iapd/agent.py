@@ -298,7 +298,9 @@ class Agent:
             tokens = await asyncio.to_thread(self.store.refresh_tokens_in, path)
         except OSError:
             tokens = []
-        errors = [e for e in [await revoke(self.session, self.config.endpoints.revoke_url, t) for t in tokens] if e]
+        # Each at the issuer it came from, never one that did not mint it.
+        errors = [e for e in [await revoke(self.session, url, token) if url else "its issuer is not known"
+                              for token, url in tokens] if e]
         await asyncio.to_thread(path.unlink, True)
         self.store.unreadable.remove(path)
         result: dict[str, Any] = {"credential": f"unreadable store {path.name}", "profiles": [],

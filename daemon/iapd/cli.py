@@ -33,12 +33,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    import os
+
     from iapctl.paths import config_path
+    from iapd.config import ConfigError, load_config
+
+    path = args.config or config_path()
+    try:
+        # Before aiohttp is imported: it builds its TLS context (and so reads SSL_CERT_FILE) then.
+        os.environ.update(load_config(path).daemon.environment)
+    except ConfigError:
+        pass  # serve() says what is wrong with it
     from iapd.daemon import serve, setup_logging
     from iapd.loop import run_async
 
     setup_logging(args.log_level)
-    return run_async(serve(args.config or config_path(), args.socket, args.test_clock))
+    return run_async(serve(path, args.socket, args.test_clock))
 
 
 def main(argv: list[str] | None = None) -> int:

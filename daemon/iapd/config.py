@@ -138,9 +138,16 @@ class OidcSource(_Strict):
             raise ValueError("the client_credentials grant needs a client_secret")
         if self.token == "id_token" and "openid" not in self.scopes:
             raise ValueError("token = \"id_token\" needs \"openid\" in scopes")
-        if self.redirect_uri is not None:
-            from urllib.parse import urlsplit
+        from urllib.parse import urlsplit
 
+        # Credentials go to these URLs: https, or http only to this machine (a local issuer).
+        for name in ("issuer", "authorization_endpoint", "token_endpoint", "device_authorization_endpoint",
+                     "revocation_endpoint"):
+            url = getattr(self, name)
+            if url is not None and urlsplit(url).scheme == "http" and \
+                    urlsplit(url).hostname not in ("127.0.0.1", "localhost", "::1"):
+                raise ValueError(f"{name} must be https (http only for 127.0.0.1 or localhost), not {url!r}")
+        if self.redirect_uri is not None:
             parts = urlsplit(self.redirect_uri)
             if parts.scheme != "http" or parts.hostname not in ("127.0.0.1", "localhost"):
                 raise ValueError("redirect_uri must be a loopback URI: http://127.0.0.1:PORT/… or http://localhost:PORT/…")
@@ -163,11 +170,31 @@ class Profile(_Strict):
         return self
 
 
+# What `[daemon] environment` may set: the network (a corporate proxy, a CA bundle) and where
+# Google's own credential files are. Nothing else — not PYTHON*, not LD_*.
+DAEMON_ENVIRONMENT = {
+    "HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "NO_PROXY", "no_proxy",
+    "SSL_CERT_FILE", "SSL_CERT_DIR", "REQUESTS_CA_BUNDLE", "GOOGLE_APPLICATION_CREDENTIALS", "CLOUDSDK_CONFIG",
+}
+
+
+def _environment(value: dict[str, str]) -> dict[str, str]:
+    for name, setting in value.items():
+        if name not in DAEMON_ENVIRONMENT:
+            raise ValueError(f"{name} cannot be set here; expected one of {', '.join(sorted(DAEMON_ENVIRONMENT))}")
+        if not setting or not setting.isprintable():
+            raise ValueError(f"{name}: expected a non-empty value without control characters")
+    return value
+
+
 class DaemonSettings(_Strict):
     """Renewal policy and limits. The defaults suit Google's one-hour ID tokens."""
 
     socket: str | None = None
     state_dir: str | None = None
+    # The daemon's network settings, the same whoever starts it (autostart passes it only what
+    # it needs by name; a service manager's environment is its own): applied at start.
+    environment: Annotated[dict[str, str], AfterValidator(_environment)] = {}
     # Renew when `max(renew_before_seconds, renew_fraction * lifetime)` is left (jittered).
     renew_before_seconds: float = Field(default=300, gt=0)
     renew_fraction: float = Field(default=0.25, gt=0, lt=1)
@@ -264,7 +291,15 @@ def parse_config(text: str, path: str) -> Config:
 def load_config(path: str | os.PathLike[str]) -> Config:
     """Read the file. A missing file is an empty config (no profiles), not an error:
     the daemon can start before the user has written one, and says so in status."""
+    from iapctl.paths import unsafe_file
+
     p = Path(path)
+    # A config says where the stored login and client secret are sent: one that another user
+    # can write (or swap, through a directory of theirs) is an instruction from them.
+    unsafe = unsafe_file(str(p))
+    if unsafe is not None:
+        raise ConfigError(f"config error: {p}: not safe to use: {unsafe}; keep the config in a directory only "
+                          "you can write (the default is $XDG_CONFIG_HOME/iapd/config.toml)")
     try:
         text = p.read_text(encoding="utf-8")
     except FileNotFoundError:

@@ -20,7 +20,7 @@ from iapd.clock import Clock
 from iapd.guard import MAX_HEADER_FIELD, Gate, GuardedSite, unix_peer_uid
 from iapd.server import bind_socket, inherited_socket, make_app, remove_socket_if_ours
 from iapd.notify import notify
-from iapd.store import CredentialStore
+from iapd.store import CredentialStore, StoreInUse
 
 log = logging.getLogger("iapd")
 
@@ -88,8 +88,8 @@ async def serve(config_path: str, socket_path: str | None, test_clock: bool = Fa
         sock = bind_socket(path, own_dir=path == default)
         inode = os.lstat(path).st_ino
     try:
-        store = await CredentialStore.open(default_state_dir(config))
-    except (UnsafePath, OSError) as exc:
+        store = await CredentialStore.open(default_state_dir(config), owner=f"pid {os.getpid()}, socket {path}")
+    except (UnsafePath, OSError, StoreInUse) as exc:
         if inode is not None:
             remove_socket_if_ours(path, inode)
         print(f"iapd: cannot use the state directory: {exc}", file=sys.stderr)

@@ -9,12 +9,14 @@ import json
 import logging
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 
 from iapd.errors import LoginRequired, UpstreamError, UpstreamUnavailable
 
 log = logging.getLogger("iapd.google")
+MAX_ANSWER_BYTES = 4 * 1024 * 1024
 
 
 def new_session(timeout: float) -> aiohttp.ClientSession:
@@ -74,19 +76,49 @@ def _server_date(value: str | None) -> float | None:
         return None
 
 
-async def fetch(session: aiohttp.ClientSession, method: str, url: str, *, what: str, **kwargs: Any) -> Answer:
-    """One HTTP call; a 2xx answer back, every failure classified as for request_json."""
+async def _bounded_text(resp: aiohttp.ClientResponse, what: str) -> str:
+    """The body, refused past MAX_ANSWER_BYTES: an upstream's answer is a token or a small JSON
+    document, and a 300 MB "discovery document" must not take the daemon's memory with it."""
+    declared = resp.content_length
+    if declared is not None and declared > MAX_ANSWER_BYTES:
+        raise UpstreamError(f"{what}: the answer is {declared} bytes, more than the {MAX_ANSWER_BYTES} accepted")
+    chunks, size = [], 0
+    async for chunk in resp.content.iter_chunked(64 * 1024):
+        size += len(chunk)
+        if size > MAX_ANSWER_BYTES:
+            raise UpstreamError(f"{what}: the answer is more than the {MAX_ANSWER_BYTES} bytes accepted")
+        chunks.append(chunk)
+    body = b"".join(chunks)
     try:
-        async with session.request(method, url, **kwargs) as resp:
-            text = await resp.text()
+        return body.decode(resp.charset or "utf-8", errors="replace")
+    except LookupError:  # a charset Python does not know
+        return body.decode("utf-8", errors="replace")
+
+
+async def fetch(session: aiohttp.ClientSession, method: str, url: str, *, what: str, **kwargs: Any) -> Answer:
+    """One HTTP call; a 2xx answer back, every failure classified as for request_json.
+
+    Redirects are never followed: these requests carry refresh tokens, client secrets and
+    `via` tokens in their bodies and headers, and a redirect (to another origin, or https → http)
+    would re-send them there. A 3xx is a refusal that names where it pointed."""
+    try:
+        async with session.request(method, url, allow_redirects=False, **kwargs) as resp:
+            text = await _bounded_text(resp, what)
             status = resp.status
             date = _server_date(resp.headers.get("Date"))
+            location = resp.headers.get("Location", "")
     except asyncio.TimeoutError:
         raise UpstreamUnavailable(f"{what}: timed out") from None
     except aiohttp.ClientError as exc:
         raise UpstreamUnavailable(f"{what}: {type(exc).__name__}: {str(exc)[:150]}") from None
     if 200 <= status < 300:
         return Answer(text, date)
+    if 300 <= status < 400:
+        where = urlsplit(location)
+        refused = UpstreamError(f"{what}: HTTP {status}, a redirect to {where.scheme}://{where.netloc}{where.path} "
+                                "(not followed: requests that carry credentials go only where configured)")
+        refused.http_status = status
+        raise refused
     try:
         body = json.loads(text) if text else {}
     except ValueError:

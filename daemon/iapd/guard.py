@@ -31,6 +31,7 @@ MAX_HEADER_FIELD = 8 * 1024
 FAST_PATH_MAX = 4096
 FAST_PATH_MAX_LINES = 16
 PROC_NET_TCP = "/proc/net/tcp"
+PROC_NET_TCP6 = "/proc/net/tcp6"
 REFUSAL_LOG_EVERY = 10.0  # seconds: a flood of refused connections is one log line, not thousands
 
 
@@ -39,32 +40,46 @@ def unix_peer_uid(transport: asyncio.BaseTransport) -> int | None:
     return peer_uid(sock) if sock is not None else None
 
 
+_NATIVE = "little" if socket.htonl(1) != 1 else "big"
+TCP_ESTABLISHED = "01"
+
+
 def _hex_address(address: tuple) -> str:
     """127.0.0.1:8080 as /proc/net/tcp writes it: the IPv4 address as a native-endian 32-bit
     hex number (so reversed bytes on little-endian machines), the port as 4 hex digits."""
-    packed = socket.inet_aton(address[0])
-    number = int.from_bytes(packed, "little" if socket.htonl(1) != 1 else "big")
+    number = int.from_bytes(socket.inet_aton(address[0]), _NATIVE)
     return f"{number:08X}:{address[1]:04X}"
 
 
+def _hex_mapped(address: tuple) -> str:
+    """The same IPv4 address as /proc/net/tcp6 writes it for an IPv6 socket that reached it as
+    ::ffff:127.0.0.1 — a client of ours may use one: four native-endian 32-bit words."""
+    packed = socket.inet_pton(socket.AF_INET6, f"::ffff:{address[0]}")
+    words = "".join(f"{int.from_bytes(packed[i:i + 4], _NATIVE):08X}" for i in range(0, 16, 4))
+    return f"{words}:{address[1]:04X}"
+
+
 def loopback_peer_uid(transport: asyncio.BaseTransport) -> int | None:
-    """The uid that owns the other end of a loopback TCP connection, from /proc/net/tcp (the
-    peer's socket is listed with its local address = our peer, remote = us). A read of an
-    in-memory kernel table, not of a disk: cheap enough for a listener that sees a handful of
-    connections per login. Where there is no /proc, None."""
+    """The uid that owns the other end of a loopback TCP connection, from /proc/net/tcp and
+    tcp6 (the peer's socket is listed with its local address = our peer, remote = us). Only an
+    established socket with an inode counts: TIME_WAIT and orphaned rows show uid 0 and inode 0,
+    and a quick close would otherwise pass for root. A read of an in-memory kernel table, not of
+    a disk. Where there is no such row (or no /proc), None — refused."""
     peer, ours = transport.get_extra_info("peername"), transport.get_extra_info("sockname")
     if not peer or not ours:
         return None
-    wanted = (_hex_address(peer), _hex_address(ours))
-    try:
-        with open(PROC_NET_TCP, encoding="ascii") as table:
-            next(table, None)  # the header line
-            for line in table:
-                fields = line.split()
-                if len(fields) > 7 and (fields[1], fields[2]) == wanted:
-                    return int(fields[7])
-    except OSError:
-        return None
+    for table_path, wanted in ((PROC_NET_TCP, (_hex_address(peer), _hex_address(ours))),
+                               (PROC_NET_TCP6, (_hex_mapped(peer), _hex_mapped(ours)))):
+        try:
+            with open(table_path, encoding="ascii") as table:
+                next(table, None)  # the header line
+                for line in table:
+                    fields = line.split()
+                    if len(fields) > 9 and (fields[1], fields[2]) == wanted and fields[3] == TCP_ESTABLISHED \
+                            and fields[9] != "0":
+                        return int(fields[7])
+        except OSError:
+            continue
     return None
 
 

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import fcntl
 import json
 import logging
+import os
 import re
 import time
 from pathlib import Path
@@ -21,6 +23,7 @@ from iapd.fsutil import atomic_write
 
 log = logging.getLogger("iapd.store")
 VERSION = 1
+GOOGLE_REVOKE_URL = "https://oauth2.googleapis.com/revoke"
 
 
 class CredentialStore:
@@ -31,12 +34,18 @@ class CredentialStore:
         # Stores moved aside as unreadable (this start or an earlier one): their refresh tokens
         # may still work, so status names them and logout --all revokes and removes them.
         self.unreadable: list[Path] = []
+        self._lock_fd: int | None = None  # held (flock) while this daemon owns the store
 
     @classmethod
-    async def open(cls, state_dir: Path) -> "CredentialStore":
+    async def open(cls, state_dir: Path, owner: str | None = None) -> "CredentialStore":
+        """The store in `state_dir`. With `owner` (a daemon: its pid and socket), also take the
+        store's lock for this process's life: two daemons on one store would each refresh the
+        same refresh token, and an issuer that rotates them revokes the grant."""
         await asyncio.to_thread(ensure_private_dir, state_dir)
         path = state_dir / "credentials.json"
+        lock_fd = await asyncio.to_thread(_take_lock, state_dir / "iapd.lock", owner) if owner else None
         store = cls(path, await asyncio.to_thread(cls._read, path))
+        store._lock_fd = lock_fd
         store.unreadable = await asyncio.to_thread(lambda: sorted(path.parent.glob(f"{path.name}.unreadable-*")))
         return store
 
@@ -71,15 +80,23 @@ class CredentialStore:
             return {}
 
     @staticmethod
-    def refresh_tokens_in(path: Path) -> list[str]:
-        """Every refresh token a moved-aside store still holds, as far as it can be read."""
+    def refresh_tokens_in(path: Path) -> list[tuple[str, str | None]]:
+        """Every refresh token a moved-aside store still holds, as far as it can be read, each
+        with the revocation endpoint of the issuer it came from (None: not known — then it is
+        revoked nowhere, rather than at an issuer that never saw it). Read as text: a store is
+        moved aside because it does not parse, and its flat records usually still do."""
         text = path.read_text(encoding="utf-8", errors="replace")
-        try:
-            found: list[str] = []
-            _collect_refresh_tokens(json.loads(text), found)
-            return found
-        except ValueError:  # not JSON at all: the tokens may still be there as text
-            return re.findall(r'"refresh_token"\s*:\s*"([^"\\]+)"', text)
+        found: list[tuple[str, str | None]] = []
+        for record in re.finditer(r'"([^"\\]+)"\s*:\s*\{([^{}]*)(?:\}|$)', text):
+            key, body = record.group(1), record.group(2)
+            token = re.search(r'"refresh_token"\s*:\s*"([^"\\]+)"', body)
+            if token is None:
+                continue
+            url = re.search(r'"revocation_endpoint"\s*:\s*"([^"\\]+)"', body)
+            # A Google login of before binding (its key names no endpoint) is Google's.
+            google = key.startswith("user:") and "@" not in key
+            found.append((token.group(1), url.group(1) if url else (GOOGLE_REVOKE_URL if google else None)))
+        return found
 
     def get(self, key: str) -> dict[str, Any] | None:
         record = self._records.get(key)
@@ -122,6 +139,26 @@ class CredentialStore:
         self._records = records
 
 
+class StoreInUse(Exception):
+    """Another daemon owns this store (its lock is held)."""
+
+
+def _take_lock(path: Path, owner: str) -> int:
+    """flock the store's lock file (released by the kernel when we exit, kill -9 included) and
+    say in it who holds it; if another process holds it, say who that is."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise StoreInUse(f"another iapd ({holder}) uses the store in {path.parent}: one store, one daemon — "
+                         "stop that one (`iapctl stop`), or give this config a [daemon] state_dir of its own") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, owner.encode(), 0)
+    return fd
+
+
 # What a record may hold, and of what type: a hand edit or a bug that wrote another shape must
 # read as an unreadable store (moved aside, a new login needed), not crash the daemon later.
 RECORD_FIELDS: dict[str, tuple[type, ...]] = {
@@ -138,15 +175,3 @@ def _check_record(record: Any) -> None:
     for name, value in record.items():
         if not isinstance(value, RECORD_FIELDS.get(name, (object,))):
             raise TypeError(f"field {name} has the wrong type")
-
-
-def _collect_refresh_tokens(node: Any, found: list[str]) -> None:
-    if isinstance(node, dict):
-        for name, value in node.items():
-            if name == "refresh_token" and isinstance(value, str) and value:
-                found.append(value)
-            else:
-                _collect_refresh_tokens(value, found)
-    elif isinstance(node, list):
-        for value in node:
-            _collect_refresh_tokens(value, found)

@@ -21,6 +21,13 @@ if TYPE_CHECKING:
 MAX_LIFETIME = 7 * 24 * 3600.0  # no ID or access token lives a week; an answer that says so is wrong
 
 
+def _check_printable(value: str) -> None:
+    """A token is printable ASCII without spaces (RFC 6750's b64token and then some): one with a
+    CR/LF in it would add headers to every request `--format header` or a proxy makes with it."""
+    if not value or not all("!" <= c <= "~" for c in value):
+        raise UpstreamError("the token endpoint returned a token with characters no token has")
+
+
 @dataclass(frozen=True)
 class SourceContext:
     """Everything a source may use, passed in explicitly (google-auth's `refresh(request)`
@@ -53,6 +60,7 @@ class IdToken:
         """An opaque access token (no claims to read): its life is the response's `expires_in`."""
         if not 0 < expires_in <= MAX_LIFETIME:  # NaN fails this too
             raise UpstreamError("the token endpoint returned an impossible expires_in")
+        _check_printable(value)
         return cls(value, {}, expires_in, clock.wall(), clock.mono())
 
     @classmethod
@@ -64,6 +72,7 @@ class IdToken:
         clock as its `Date` header shows it. The second matters when an upstream hands back a
         token it cached — the metadata server does — which arrives with minutes, not an hour,
         left."""
+        _check_printable(value)
         try:
             claims = unverified_claims(value)
             exp, iat = float(claims["exp"]), float(claims["iat"])

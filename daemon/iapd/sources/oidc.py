@@ -39,6 +39,17 @@ def device_interval(value: Any) -> float:
     return min(max(float(value), 1.0), MAX_DEVICE_INTERVAL)
 
 
+def _origin(url: str) -> tuple[str, str]:
+    parts = urlsplit(url)
+    return parts.scheme.lower(), (parts.netloc or "").lower()
+
+
+def secure_url(url: str) -> bool:
+    """https, or http to this machine (a local issuer, the emulator): where credentials may go."""
+    parts = urlsplit(url)
+    return parts.scheme == "https" or (parts.scheme == "http" and parts.hostname in ("127.0.0.1", "localhost", "::1"))
+
+
 class OidcCredential:
     kind = "oidc"
 
@@ -66,10 +77,12 @@ class OidcCredential:
 
     # -- talking to the issuer -------------------------------------------------------------------
 
-    async def _headers(self) -> dict[str, str]:
+    async def _headers(self, url: str) -> dict[str, str]:
         """Every request to the issuer carries the `via` profile's token, if the issuer sits
-        behind a proxy (flyteadmin's authorization server behind IAP)."""
-        if self.proxy_token is None:
+        behind a proxy (flyteadmin's authorization server behind IAP) — to the issuer's own
+        origin only: that token opens the proxy, and an endpoint a discovery document names on
+        another host is not behind it."""
+        if self.proxy_token is None or _origin(url) != _origin(self.config.issuer):
             return {}
         try:
             token = await self.proxy_token()
@@ -81,7 +94,7 @@ class OidcCredential:
         return {"Proxy-Authorization": f"Bearer {token}"}
 
     async def _call(self, method: str, url: str, what: str, **kwargs: Any) -> Answer:
-        headers = {**(await self._headers()), **kwargs.pop("headers", {})}
+        headers = {**(await self._headers(url)), **kwargs.pop("headers", {})}
         return await fetch(self.ctx.session, method, url, what=what, headers=headers, **kwargs)
 
     async def metadata(self) -> dict[str, Any]:
@@ -107,6 +120,12 @@ class OidcCredential:
             except UpstreamError as exc:
                 last = exc
                 continue
+            # RFC 8414 §3.3, OpenID Connect Discovery §4.3: the document's issuer must be the one
+            # asked for — else it may be another issuer's (a mix-up), and its endpoints too.
+            named = document.get("issuer")
+            if not isinstance(named, str) or named.rstrip("/") != issuer:
+                raise UpstreamError(f"{url} is the discovery document of issuer {str(named)[:100]!r}, not of {issuer}: "
+                                    f"refusing it (check the issuer in profile {self.profile})")
             if not isinstance(document.get("token_endpoint"), str) and self.config.token_endpoint is None:
                 raise ConfigProblem(f"{url} names no token_endpoint; set token_endpoint in profile {self.profile}")
             return document
@@ -119,6 +138,9 @@ class OidcCredential:
         url = (await self.metadata()).get(name)
         if not isinstance(url, str):
             raise ConfigProblem(f"issuer {self.config.issuer} has no {name}; set it in profile {self.profile}")
+        if not secure_url(url):
+            raise UpstreamError(f"the issuer's {name} {url[:100]} is not https (nor loopback): refusing to send "
+                                "credentials there")
         return url
 
     async def _client_auth(self, data: dict[str, str]) -> dict[str, str]:
@@ -141,15 +163,37 @@ class OidcCredential:
         for name in ("audience", "resource"):
             if getattr(self.config, name):
                 data[name] = getattr(self.config, name)
-        headers = {**(proxy_headers if proxy_headers is not None else await self._headers()),
-                   **(await self._client_auth(data))}
         url = url or await self._endpoint("token_endpoint")
+        headers = {**(proxy_headers if proxy_headers is not None else await self._headers(url)),
+                   **(await self._client_auth(data))}
         answer = await fetch(self.ctx.session, "POST", url, what=what, data=data, headers=headers)
         return json_object(answer, what), answer
+
+    def _check_id_token(self, body: dict) -> dict[str, Any]:
+        """The claims of the answer's ID token, if it has one, after the checks a courier can
+        afford without verifying signatures (the app verifies them): it is this issuer's
+        (`iss`) and for this client (`aud`) — the mix-up defence, before it is served or a login
+        is stored on its word."""
+        if "id_token" not in body:
+            return {}
+        try:
+            claims = unverified_claims(body["id_token"] if isinstance(body["id_token"], str) else "")
+        except MalformedToken:
+            raise UpstreamError("the issuer returned a malformed ID token") from None
+        aud = claims.get("aud")
+        audiences = aud if isinstance(aud, list) else [aud]
+        if str(claims.get("iss", "")).rstrip("/") != self.config.issuer.rstrip("/"):
+            raise UpstreamError(f"the ID token was issued by {str(claims.get('iss'))[:100]!r}, not by "
+                                f"{self.config.issuer}: refusing it")
+        if self.config.client_id not in audiences:
+            raise UpstreamError(f"the ID token is for {str(aud)[:100]!r}, not for client {self.config.client_id}: "
+                                "refusing it")
+        return claims
 
     def _served(self, body: dict, answer: Answer) -> IdToken:
         """The token the profile serves, and how long it lives: a JWT by its own `exp` (and
         `expires_in` for an access token); an opaque access token by `expires_in` alone."""
+        self._check_id_token(body)
         value = body.get(self.config.token)
         if not isinstance(value, str) or not value:
             raise UpstreamError(f"the issuer returned no {self.config.token} (scopes: {' '.join(self.config.scopes)})")
@@ -175,7 +219,7 @@ class OidcCredential:
         url = await self._endpoint("token_endpoint")
         # The `via` token before the login's lock: waiting on another login while holding ours
         # would hold up every profile of this one.
-        proxy = await self._headers()
+        proxy = await self._headers(url)
         answers: list[Answer] = []
 
         async def exchange(refresh_token: str) -> dict:
@@ -231,10 +275,7 @@ class OidcCredential:
     async def _save_login(self, body: dict) -> str:
         if not body.get("refresh_token"):
             raise UpstreamError("the issuer returned no refresh token (is `offline_access` in scopes?)")
-        try:
-            claims = unverified_claims(body.get("id_token", ""))
-        except MalformedToken:
-            claims = {}
+        claims = self._check_id_token(body)
         email = claims.get("email") or claims.get("preferred_username") or claims.get("sub")
         metadata = await self.metadata()
         record = {"refresh_token": body["refresh_token"], "email": email, "client_id": self.config.client_id,
@@ -294,7 +335,7 @@ class OidcCredential:
             if not isinstance(url, str):
                 return "the issuer has no revocation endpoint"
             data = {"token": token, "token_type_hint": "refresh_token"}
-            headers = {**(await self._headers()), **(await self._client_auth(data))}
+            headers = {**(await self._headers(url)), **(await self._client_auth(data))}
         except (ConfigProblem, UpstreamError, UpstreamUnavailable, LoginRequired) as exc:
             return exc.message
         return await revoke(self.ctx.session, url, token, data=data, headers=headers)
