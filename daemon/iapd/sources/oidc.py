@@ -118,7 +118,8 @@ class OidcCredential:
             try:
                 document = json_object(await self._call("GET", url, f"reading {url}"), f"reading {url}")
             except UpstreamError as exc:
-                last = exc
+                if last is None or exc.http_status != 404:  # say the telling failure, not the fallback's 404
+                    last = exc
                 continue
             # RFC 8414 §3.3, OpenID Connect Discovery §4.3: the document's issuer must be the one
             # asked for — else it may be another issuer's (a mix-up), and its endpoints too.
