@@ -36,7 +36,7 @@ def test_install_dry_run_linux(tmp_path, monkeypatch):
     out = dry_run(env)
     unit_dir = tmp_path / "cfg" / "systemd" / "user"
     assert f"# would write {unit_dir}/iapd.socket" in out and f"# would write {unit_dir}/iapd.service" in out
-    assert f"ExecStart={IAPD} serve" in out
+    assert f'ExecStart="{IAPD}" serve' in out
     assert f'Environment="IAPD_CONFIG={tmp_path}/my config.toml"' in out
     assert "ListenStream=%t/iapd/iapd.sock" in out and "SocketMode=0600" in out and "DirectoryMode=0700" in out
     assert "# would run: systemctl --user enable --now iapd.socket" in out
@@ -44,6 +44,28 @@ def test_install_dry_run_linux(tmp_path, monkeypatch):
     assert not unit_dir.exists()  # a dry run writes nothing
     removal = dry_run(env, "uninstall")
     assert f"# would remove {unit_dir}/iapd.service" in removal and "disable --now iapd.socket" in removal
+
+
+def test_install_refuses_a_path_that_would_add_directives(tmp_path):
+    """A newline in IAPD_CONFIG would write `ExecStartPre=…` into the unit."""
+    env = {**os.environ, "XDG_CONFIG_HOME": str(tmp_path / "cfg"),
+           "IAPD_CONFIG": f"{tmp_path}/c.toml\nExecStartPre=/bin/touch {tmp_path}/owned"}
+    out = subprocess.run([IAPCTL, "service", "install", "--dry-run"], env=env, capture_output=True, text=True, timeout=30)
+    assert out.returncode == 2 and "control character" in out.stderr and "ExecStartPre" not in out.stdout, out
+
+
+def test_paths_with_spaces_and_specials_are_quoted_in_the_unit(tmp_path, monkeypatch):
+    state = tmp_path / "my state $HOME %h"
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "cfg"))
+    monkeypatch.setenv("XDG_STATE_HOME", str(state))
+    service = rendered_units(tmp_path)["iapd.service"]
+    assert f'ReadWritePaths="{str(state).replace("%", "%%")}/iapd"' in service
+    if shutil.which("systemd-analyze") is not None:
+        (tmp_path / "iapd.service").write_text(service)
+        (tmp_path / "iapd.socket").write_text(rendered_units(tmp_path)["iapd.socket"])
+        out = subprocess.run(["systemd-analyze", "verify", str(tmp_path / "iapd.socket"), str(tmp_path / "iapd.service")],
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0 and out.stderr.strip() == "", out.stderr
 
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed")

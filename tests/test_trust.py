@@ -292,3 +292,18 @@ def test_a_request_target_with_a_line_break_never_reaches_the_socket(daemon):
     with pytest.raises(ValueError):
         wire.request(daemon.socket, "GET", "/v1/token/demo-sa HTTP/1.1\r\n\r\nPOST /v1/reload")
     assert "reloaded the config" not in daemon.logs()
+
+
+def test_text_from_an_issuer_reaches_the_terminal_escaped(daemon_factory, emulator, tmp_path):
+    """An `email` claim with OSC 52 (a clipboard write) and a title set in it."""
+    from test_client import CURL_BROWSER
+    from test_oidc import KF, oidc_config
+
+    emulator._post("oidc", {"user": "alice\x1b]52;c;ZXZpbA==\x07\x1b]0;owned\x07@example.com"})
+    daemon = daemon_factory(config=oidc_config(emulator, tmp_path, KF), name="esc")
+    env = env_of(daemon, tmp_path)
+    login = iapctl("login", "kf", env={**env, "BROWSER": CURL_BROWSER})
+    assert login.returncode == 0, login.stderr
+    assert "alice\\x1b]52;c;ZXZpbA==\\x07" in login.stdout
+    for out in (login, iapctl("status", env=env), iapctl("doctor", env=env)):
+        assert "\x1b" not in out.stdout + out.stderr and "\x07" not in out.stdout + out.stderr, out

@@ -26,6 +26,7 @@ import time
 
 from iapctl import paths
 from iapctl.cli import LOGIN_REQUIRED, Failure, call, error_of
+from iapctl.shown import shown
 
 COOLDOWN_SECONDS = 300
 WAIT_SLICE = 25.0  # each long-poll; the daemon's own login timeout ends the whole wait
@@ -56,7 +57,7 @@ class Terminal:
         return cls(reader, writer)
 
     def say(self, text: str) -> None:
-        self.writer.write(text + "\n")
+        self.writer.write(shown(text, keep_lines=True) + "\n")
         self.writer.flush()
 
     def close(self) -> None:
@@ -70,7 +71,7 @@ class Console:
     reader = sys.stdin
 
     def say(self, text: str) -> None:
-        print(text, file=sys.stderr, flush=True)
+        print(shown(text, keep_lines=True), file=sys.stderr, flush=True)
 
     def close(self) -> None:
         pass
@@ -313,7 +314,7 @@ def login_when_needed(profile: str, error: dict) -> None:
         # Say who: a login is only as good as the account it was made with. On the terminal if
         # there is one; else this is our one line on stderr.
         who = f"iapctl: logged in as {outcome.get('email')} (profile {profile})"
-        terminal.say(who) if terminal is not None else print(who, file=sys.stderr)
+        terminal.say(who) if terminal is not None else print(shown(who), file=sys.stderr)
     except Failure:
         _mark_failed(profile)
         raise

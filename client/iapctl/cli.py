@@ -39,7 +39,9 @@ class Failure(Exception):
 
 
 def fail(message: str, code: int) -> int:
-    sys.stderr.write(f"iapctl: {message}\n")
+    from iapctl.shown import shown  # only on failure: not on the token's hot path
+
+    sys.stderr.write(f"iapctl: {shown(message)}\n")
     return code
 
 

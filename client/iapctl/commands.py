@@ -13,6 +13,12 @@ from iapctl.cli import (
     BAD_PROFILE, ERROR, EXIT_CODE_OF_ERROR, LOGIN_REQUIRED, OK, UNREACHABLE, UPSTREAM, USAGE, Failure, call, error_of,
     FORMATS, fail, run, valid_profile,
 )
+from iapctl.shown import shown
+
+
+def say(text: str) -> None:
+    """A line for a person that quotes what the daemon, an issuer or a config said."""
+    print(shown(text))
 
 EXIT_CODES = f"""exit codes:
   {OK}  success
@@ -168,7 +174,7 @@ def cmd_login(args: argparse.Namespace) -> int:
     outcome = login(profile, ui, browser, device=args.device)
     if outcome.get("state") != "done":
         raise not_completed(profile, outcome)
-    print(f"Logged in as {outcome.get('email')} (profile {profile}).")
+    say(f"Logged in as {outcome.get('email')} (profile {profile}).")
     return OK
 
 
@@ -189,7 +195,7 @@ def cmd_logout(args: argparse.Namespace) -> int:
         else:
             revoked = "nothing to revoke"
         wiped = "wiped from the store" if r.get("wiped") else "nothing stored"
-        print(f"{profiles}: {who}: {revoked}; {wiped}; cached tokens dropped.")
+        say(f"{profiles}: {who}: {revoked}; {wiped}; cached tokens dropped.")
     return OK
 
 
@@ -223,12 +229,12 @@ def cmd_status(args: argparse.Namespace) -> int:
         return OK
     d = status["daemon"]
     managed = f", run by {d['service']}" if d.get("service") else ""
-    print(f"iapd {d['version']} (pid {d['pid']}, up {_duration(d['uptime'])}{managed}) on {d['socket']}")
-    print(f"config {d['config']}; store {d['store']}")
+    say(f"iapd {d['version']} (pid {d['pid']}, up {_duration(d['uptime'])}{managed}) on {d['socket']}")
+    say(f"config {d['config']}; store {d['store']}")
     if d.get("config_error"):
-        print(f"note: the config was changed but cannot be used, the previous one serves: {d['config_error']}")
+        say(f"note: the config was changed but cannot be used, the previous one serves: {d['config_error']}")
     for path in d.get("unreadable_stores") or []:
-        print(f"note: {path} was unreadable and moved aside; its logins may still be live: "
+        say(f"note: {path} was unreadable and moved aside; its logins may still be live: "
               "`iapctl logout --all` revokes and removes it")
     rows = [("PROFILE", "IDENTITY", "STATE", "AUDIENCE", "EXPIRES IN", "NEXT RENEWAL", "LAST ERROR")]
     for p in status["profiles"]:
@@ -238,11 +244,11 @@ def cmd_status(args: argparse.Namespace) -> int:
                      _duration(p.get("expires_in")), _duration(p.get("next_renewal_in")),
                      (error.get("message") or "-")[:70]))
     if len(rows) == 1:
-        print(f"no profiles: add one to {d['config']}")
+        say(f"no profiles: add one to {d['config']}")
         return OK
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
-        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+        say("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
     return OK
 
 

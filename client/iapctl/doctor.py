@@ -14,6 +14,7 @@ from email.utils import parsedate_to_datetime
 
 from iapctl import __version__, paths
 from iapctl.cli import Failure, call
+from iapctl.shown import shown
 
 SKEW_LIMIT = 60.0  # seconds: beyond this, tokens look expired or not yet valid to IAP
 
@@ -23,14 +24,14 @@ class Report:
         self.problems = 0
 
     def ok(self, what: str, detail: str) -> None:
-        print(f"ok       {what}: {detail}")
+        print(shown(f"ok       {what}: {detail}"))
 
     def problem(self, what: str, detail: str, fix: str) -> None:
         self.problems += 1
-        print(f"PROBLEM  {what}: {detail} → {fix}")
+        print(shown(f"PROBLEM  {what}: {detail} → {fix}"))
 
     def note(self, what: str, detail: str) -> None:
-        print(f"-        {what}: {detail}")
+        print(shown(f"-        {what}: {detail}"))
 
 
 def _config(report: Report):

@@ -60,8 +60,15 @@ def systemd_specifiers(value: str) -> str:
     return value.replace("%", "%%")
 
 
-def systemd_quote(value: str) -> str:
-    return '"' + systemd_specifiers(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+def systemd_quote(value: str, command: bool = False) -> str:
+    """One word of a unit file, quoted by systemd's rules: specifiers (%) doubled, backslashes
+    and quotes escaped, and in a command line `$` doubled (systemd expands $VAR there). A
+    control character — a newline would start a directive of its own (`ExecStartPre=`) — has
+    no safe spelling: refused."""
+    if not value.isprintable():
+        raise Failure(f"cannot write a systemd unit for {value!r}: it has a control character", USAGE)
+    quoted = systemd_specifiers(value).replace("\\", "\\\\").replace('"', '\\"')
+    return '"' + (quoted.replace("$", "$$") if command else quoted) + '"'
 
 
 def systemd_listen_path() -> str:
@@ -71,7 +78,9 @@ def systemd_listen_path() -> str:
     runtime = os.environ.get("XDG_RUNTIME_DIR", "")
     if runtime and chosen == os.path.join(runtime, "iapd", "iapd.sock"):
         return "%t/iapd/iapd.sock"
-    return systemd_specifiers(chosen)
+    if not chosen.isprintable():
+        raise Failure(f"cannot write a systemd unit for the socket {chosen!r}: it has a control character", USAGE)
+    return systemd_specifiers(chosen)  # ListenStream= takes the rest of the line as the path
 
 
 def _systemd_dir() -> Path:
@@ -85,7 +94,7 @@ def systemd_plan(action: str) -> Plan:
     if action == "install":
         # The config location is baked in if the user has moved it; the socket is systemd's (%t).
         env_lines = [f"Environment={systemd_quote(f'{k}={os.environ[k]}')}" for k in ("IAPD_CONFIG",) if os.environ.get(k)]
-        values = {"IAPD": systemd_specifiers(iapd_executable()), "STATE_DIR": systemd_specifiers(paths.state_dir()),
+        values = {"IAPD": systemd_quote(iapd_executable(), command=True), "STATE_DIR": systemd_quote(paths.state_dir()),
                   "ENVIRONMENT": "\n".join(env_lines), "LISTEN": systemd_listen_path()}
         files = {socket_unit: render("iapd.socket", values), service_unit: render("iapd.service", values)}
         return Plan(files, [["systemctl", "--user", "daemon-reload"],

@@ -82,7 +82,8 @@ def without_message(exc: BaseException) -> str:
 
 def printable(text: str) -> str:
     """`text` with control characters escaped: messages quote what an IdP or a browser sent
-    (`error_description`, a redirect URL), and they end up on someone's terminal."""
-    if text.isprintable():
-        return text
-    return "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in text)
+    (`error_description`, a redirect URL), and they end up on someone's terminal. (The client's
+    rule, iapctl.shown, so that the two agree.)"""
+    from iapctl.shown import shown
+
+    return shown(text)
