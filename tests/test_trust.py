@@ -307,3 +307,26 @@ def test_text_from_an_issuer_reaches_the_terminal_escaped(daemon_factory, emulat
     assert "alice\\x1b]52;c;ZXZpbA==\\x07" in login.stdout
     for out in (login, iapctl("status", env=env), iapctl("doctor", env=env)):
         assert "\x1b" not in out.stdout + out.stderr and "\x07" not in out.stdout + out.stderr, out
+
+
+PROC_SUBSET_PID = ["unshare", "-m", "sh", "-c", 'mount -t proc -o subset=pid proc /proc && exec "$@"', "sh"]
+
+
+def test_where_peers_cannot_be_told_apart_the_browser_alone_completes_no_login(daemon_factory, emulator, tmp_path):
+    """Under systemd's ProcSubset=pid there is no /proc/net/tcp: the listener's peer check said
+    "everyone is us", and whoever reached the callback first logged the user in as themselves."""
+    if subprocess.run([*PROC_SUBSET_PID, "true"], capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a procfs with subset=pid here (needs root and Linux ≥ 5.8)")
+    daemon = daemon_factory(name="subset", start=False)
+    daemon.start(prefix=PROC_SUBSET_PID)
+    started = daemon.request("POST", "/v1/login/demo-user").json()
+    assert started["paste_required"] is True
+    # Someone — anyone, here — follows the login to the listener's callback...
+    landed = subprocess.run(["curl", "-sSL", "-o", "/dev/null", "-w", "%{url_effective}", started["browser_url"]],
+                            capture_output=True, text=True, timeout=30, check=True).stdout
+    assert "code=" in landed
+    # ...and that completes nothing by itself.
+    assert daemon.request("GET", "/v1/login/demo-user?wait=1").json()["state"] == "pending"
+    # The person pastes the address through the uid-checked socket: that completes it.
+    done = daemon.request("POST", "/v1/login/demo-user/complete", {"redirect_url": landed}).json()
+    assert done["state"] == "done", done

@@ -177,6 +177,16 @@ def login(profile: str, ui, browser: bool, device: bool = False) -> dict:
                 return wait_for_login(profile)  # its owner is on it
             if browser and open_browser(started["browser_url"]):
                 return wait_for_login(profile)
+        if started.get("paste_required"):
+            # This machine cannot tell whose browser reaches the login's listener: the address
+            # the browser ends on is pasted here, through iapd's own (uid-checked) socket.
+            if ui.reader is None:
+                cancel(profile)
+                raise Failure(f"login required for profile {profile}: run `iapctl login {profile}` in a terminal "
+                              "(here the browser's address must be pasted back)", LOGIN_REQUIRED)
+            if browser:
+                open_browser(started.get("browser_url") or started["auth_url"])
+            return _paste_or_forwarded(profile, started, ui)
         if browser:
             if open_browser(started.get("browser_url") or started["auth_url"]):
                 ui.say(f"iapctl: a browser was opened to log in to profile {profile}. If you do not see it, open:\n"
@@ -207,7 +217,8 @@ def _paste_or_forwarded(profile: str, started: dict, ui) -> dict:
     lines = [f"iapctl: to log in to profile {profile}, open this URL in a browser (on any machine):",
              f"  {started['auth_url']}",
              "then paste here the address the browser ends on (http://127.0.0.1:…; the page may not load),"]
-    hint = _ssh_forward_hint(started.get("redirect_uri", ""))
+    # A forwarded port completes nothing where the listener takes only pasted addresses.
+    hint = None if started.get("paste_required") else _ssh_forward_hint(started.get("redirect_uri", ""))
     if hint:
         lines.append(hint)
     ui.say("\n".join(lines))

@@ -84,7 +84,13 @@ def loopback_peer_uid(transport: asyncio.BaseTransport) -> int | None:
 
 
 def can_check_loopback_peers() -> bool:
-    return os.path.exists(PROC_NET_TCP)
+    """Whether the kernel's socket tables can be read here (not under ProcSubset=pid, nor on macOS)."""
+    try:
+        with open(PROC_NET_TCP, "rb") as table:
+            table.read(1)
+    except OSError:
+        return False
+    return True
 
 
 class Gate:

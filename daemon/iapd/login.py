@@ -69,6 +69,7 @@ class LoginFlow:
     finishing: bool = False
     browser_started: bool = False  # the one-time start URL was fetched
     waiters: int = 0  # clients long-polling its outcome right now
+    paste_only: bool = False  # the listener cannot tell users apart: only a pasted redirect completes it
     started_mono: float = field(default_factory=time.monotonic)
 
     def public(self) -> dict[str, Any]:
@@ -79,7 +80,7 @@ class LoginFlow:
         return {"state": "pending", "auth_url": self.auth_url, "browser_url": self.browser_url,
                 "redirect_uri": self.redirect_uri, "expires_in": max(0, round(self.deadline - time.time())),
                 "browser_opened": self.browser_started, "age": round(time.monotonic() - self.started_mono, 1),
-                "waiters": self.waiters}
+                "waiters": self.waiters, "paste_required": self.paste_only}
 
 
 class LoginManager:
@@ -182,7 +183,11 @@ class LoginManager:
         sock.setblocking(False)
         # Every local user can see this port; only our own uid's connections are served, few
         # at a time, each with a deadline (see iapd.guard).
-        identify = loopback_peer_uid if can_check_loopback_peers() else (lambda _transport: os.getuid())
+        # Fail closed: where /proc/net/tcp cannot be read (systemd's ProcSubset=pid, bwrap,
+        # firejail; macOS), anyone may reach the listener and nobody can be told apart, so the
+        # redirect alone completes nothing: the person pastes it through the uid-checked socket.
+        checkable = can_check_loopback_peers()
+        identify = loopback_peer_uid if checkable else (lambda _transport: os.getuid())
         gate = Gate("login listener", identify, header_timeout=10.0, max_connections=LISTENER_MAX_CONNECTIONS)
         await GuardedSite(runner, sock, gate).start()
         port = sock.getsockname()[1]
@@ -190,7 +195,7 @@ class LoginManager:
         flow = LoginFlow(credential, verifier, state, redirect_uri,
                          await credential.authorization_url(redirect_uri, state, challenge),
                          f"http://127.0.0.1:{port}{START_PATH}{nonce}", nonce, time.time() + self.timeout,
-                         runner=runner, callback_path=path)
+                         runner=runner, callback_path=path, paste_only=not checkable)
         return flow
 
     async def _route(self, flow: LoginFlow, request: web.Request) -> web.Response:
@@ -198,6 +203,11 @@ class LoginManager:
             return self._start_page(flow, request.path[len(START_PATH):])
         if request.method != "GET" or request.path != flow.callback_path:
             return _page("Not found", "This is iapd's login listener; there is nothing here.", 404)
+        if flow.paste_only:
+            # Nobody's uid can be told here: the browser's redirect is not proof of who sent it.
+            return _page("Paste this address", "To finish the login, copy this page's address from the address "
+                         "bar and paste it at iapctl's prompt. (On this machine iapd cannot tell which user's "
+                         "browser reached it, so it does not take the login from the browser alone.)")
         outcome = await self._finish(flow, dict(request.query))
         if outcome is None:
             return _page("Not this login", "This request does not belong to the login in progress; it goes on.", 400)
