@@ -309,16 +309,39 @@ def test_text_from_an_issuer_reaches_the_terminal_escaped(daemon_factory, emulat
         assert "\x1b" not in out.stdout + out.stderr and "\x07" not in out.stdout + out.stderr, out
 
 
+# systemd's ProcSubset=pid (no /proc/net/tcp) and RestrictAddressFamilies= without AF_NETLINK
+# (no sock_diag), for real: a procfs mounted with subset=pid, and a seccomp filter.
 PROC_SUBSET_PID = ["unshare", "-m", "sh", "-c", 'mount -t proc -o subset=pid proc /proc && exec "$@"', "sh"]
+NO_NETLINK = [sys.executable, str(Path(__file__).parent / "no_netlink.py")]
+
+
+def confined(*prefix: str) -> list[str]:
+    if subprocess.run([*prefix, "true"], capture_output=True).returncode != 0:
+        pytest.skip(f"cannot run {prefix[0]} here (needs root, Linux ≥ 5.8, x86_64 or aarch64)")
+    return list(prefix)
+
+
+def test_the_login_listener_tells_users_apart_where_proc_is_pid_only(daemon_factory, emulator, tmp_path):
+    """Under ProcSubset=pid the kernel is asked over sock_diag instead: a login still completes
+    from the browser, and another uid's connection is still refused."""
+    daemon = daemon_factory(name="pidonly", start=False)
+    daemon.start(prefix=confined(*PROC_SUBSET_PID))
+    started = daemon.request("POST", "/v1/login/demo-user").json()
+    assert started["paste_required"] is False
+    stranger = subprocess.run(["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", "curl", "-s",
+                               "-o", "/dev/null", "-w", "%{http_code}", started["browser_url"]],
+                              capture_output=True, text=True, timeout=30)
+    assert stranger.stdout in ("000", ""), stranger  # refused before a byte was read
+    subprocess.run(["curl", "-sSL", "-o", "/dev/null", started["browser_url"]], check=True, timeout=30)
+    assert daemon.request("GET", "/v1/login/demo-user?wait=20").json()["state"] == "done"
 
 
 def test_where_peers_cannot_be_told_apart_the_browser_alone_completes_no_login(daemon_factory, emulator, tmp_path):
-    """Under systemd's ProcSubset=pid there is no /proc/net/tcp: the listener's peer check said
-    "everyone is us", and whoever reached the callback first logged the user in as themselves."""
-    if subprocess.run([*PROC_SUBSET_PID, "true"], capture_output=True).returncode != 0:
-        pytest.skip("cannot mount a procfs with subset=pid here (needs root and Linux ≥ 5.8)")
+    """With neither /proc/net/tcp (ProcSubset=pid) nor sock_diag (a seccomp filter), the peer
+    check said "everyone is us", and whoever reached the callback first logged the user in as
+    themselves."""
     daemon = daemon_factory(name="subset", start=False)
-    daemon.start(prefix=PROC_SUBSET_PID)
+    daemon.start(prefix=[*confined(*PROC_SUBSET_PID), *confined(*NO_NETLINK)])
     started = daemon.request("POST", "/v1/login/demo-user").json()
     assert started["paste_required"] is True
     # Someone — anyone, here — follows the login to the listener's callback...

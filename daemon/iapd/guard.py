@@ -5,8 +5,9 @@ a first fence, not the last), the login listener by port (every local user can r
 /proc/net/tcp). So every connection is checked before a byte is read:
 
 * the peer's uid, from the kernel: SO_PEERCRED on the unix socket; for the loopback TCP
-  listener the owner of the peer's socket in /proc/net/tcp (Linux; elsewhere the kernel does
-  not say, and the login's `state` is the only check);
+  listener the owner of the peer's socket, asked of sock_diag by its exact address (else read
+  from /proc/net/tcp; where neither can be had — macOS, a seccomp filter and a pid-only /proc —
+  the login listener takes only a pasted redirect, see iapd.login);
 * a cap on open connections per listener (an idle one is evicted to admit a new one), and a
   deadline for the request headers — so nobody can hold the daemon's file descriptors;
 * for the socket API, a fast path for exactly what `iapctl token` sends.
@@ -18,6 +19,7 @@ import asyncio
 import logging
 import os
 import socket
+import struct
 from typing import Callable
 
 from aiohttp import web
@@ -42,6 +44,8 @@ def unix_peer_uid(transport: asyncio.BaseTransport) -> int | None:
 
 _NATIVE = "little" if socket.htonl(1) != 1 else "big"
 TCP_ESTABLISHED = "01"
+TCP_STATE_ESTABLISHED = 1
+NETLINK_SOCK_DIAG, SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST = 4, 20, 1
 
 
 def _hex_address(address: tuple) -> str:
@@ -59,15 +63,49 @@ def _hex_mapped(address: tuple) -> str:
     return f"{words}:{address[1]:04X}"
 
 
+class NoSockDiag(Exception):
+    """This process may not ask the kernel's sock_diag (seccomp, RestrictAddressFamilies, not Linux)."""
+
+
+def sock_diag_peer_uid(peer: tuple, ours: tuple) -> int | None:
+    """The owner of the peer's socket, asked of the kernel by its exact 4-tuple over netlink
+    (sock_diag, what `ss` uses): one answer for one socket, however many others there are —
+    where /proc/net/tcp costs a parse of every row, 36k TIME_WAIT rows an attacker makes for
+    free included. Works where /proc is a pid-only subset. None: no such established socket."""
+    if not hasattr(socket, "AF_NETLINK"):
+        raise NoSockDiag
+    sockid = (struct.pack("!HH", peer[1], ours[1]) + socket.inet_aton(peer[0]) + bytes(12)
+              + socket.inet_aton(ours[0]) + bytes(12) + struct.pack("=III", 0, 0xFFFFFFFF, 0xFFFFFFFF))  # no cookie
+    request = struct.pack("=BBBBI", socket.AF_INET, socket.IPPROTO_TCP, 0, 0, 1 << TCP_STATE_ESTABLISHED) + sockid
+    message = struct.pack("=IHHII", 16 + len(request), SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST, 1, 0) + request
+    try:
+        with socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, NETLINK_SOCK_DIAG) as link:
+            link.settimeout(1.0)
+            link.sendto(message, (0, 0))
+            answer = link.recv(4096)
+    except OSError as exc:
+        raise NoSockDiag from exc
+    if len(answer) < 88 or struct.unpack_from("=H", answer, 4)[0] != SOCK_DIAG_BY_FAMILY:
+        return None  # NLMSG_ERROR: no such socket (it closed already)
+    state = answer[17]
+    uid, inode = struct.unpack_from("=II", answer, 80)
+    # A socket that is closing, or orphaned (inode 0, uid 0), belongs to nobody we can name.
+    return uid if state == TCP_STATE_ESTABLISHED and inode != 0 else None
+
+
 def loopback_peer_uid(transport: asyncio.BaseTransport) -> int | None:
-    """The uid that owns the other end of a loopback TCP connection, from /proc/net/tcp and
-    tcp6 (the peer's socket is listed with its local address = our peer, remote = us). Only an
-    established socket with an inode counts: TIME_WAIT and orphaned rows show uid 0 and inode 0,
-    and a quick close would otherwise pass for root. A read of an in-memory kernel table, not of
-    a disk. Where there is no such row (or no /proc), None — refused."""
+    """The uid that owns the other end of a loopback TCP connection: from sock_diag, else from
+    /proc/net/tcp and tcp6 (the peer's socket is listed with its local address = our peer,
+    remote = us). Only an established socket with an inode counts: TIME_WAIT and orphaned rows
+    show uid 0 and inode 0, and a quick close would otherwise pass for root. Where nothing says
+    (or nothing can be asked), None — refused."""
     peer, ours = transport.get_extra_info("peername"), transport.get_extra_info("sockname")
     if not peer or not ours:
         return None
+    try:
+        return sock_diag_peer_uid(peer, ours)
+    except NoSockDiag:
+        pass
     for table_path, wanted in ((PROC_NET_TCP, (_hex_address(peer), _hex_address(ours))),
                                (PROC_NET_TCP6, (_hex_mapped(peer), _hex_mapped(ours)))):
         try:
@@ -84,7 +122,14 @@ def loopback_peer_uid(transport: asyncio.BaseTransport) -> int | None:
 
 
 def can_check_loopback_peers() -> bool:
-    """Whether the kernel's socket tables can be read here (not under ProcSubset=pid, nor on macOS)."""
+    """Whether the kernel can tell us who a loopback peer is: sock_diag, else /proc/net/tcp
+    (neither on macOS; not /proc under ProcSubset=pid; not netlink under a seccomp filter)."""
+    try:
+        probe = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, NETLINK_SOCK_DIAG)
+        probe.close()
+        return True
+    except (OSError, AttributeError):
+        pass
     try:
         with open(PROC_NET_TCP, "rb") as table:
             table.read(1)
