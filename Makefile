@@ -8,10 +8,13 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: demo test bench clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml client/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[test]'
+	# Two distributions: the client (client/, standard library only) and the agent, which needs it.
+	# Out with both first: an older iapd that shipped bin/iapctl would take it away on upgrade.
+	$(BIN)/pip uninstall -q -y iapd iapctl 2>/dev/null || true
+	$(BIN)/pip install -q -e ./client -e '.[test]'
 	touch $(STAMP)
 
 # The independent OpenID Provider the tests also run against (node-oidc-provider, from npm);
@@ -37,4 +40,4 @@ bench: $(STAMP)
 	$(BIN)/python bench/renewal_soak.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info daemon/*.egg-info
+	rm -rf $(VENV) build client/build *.egg-info daemon/*.egg-info client/*.egg-info

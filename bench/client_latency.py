@@ -76,7 +76,7 @@ def installed_venv(root: Path) -> Path:
     # machines) pip skips it, and every run would compile iapctl's sources anew.
     env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
     subprocess.run([sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"), "install", "-q",
-                    "--no-deps", str(root)], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+                    "--no-deps", str(root / "client"), str(root)], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     subprocess.run([str(venv / "bin" / "python"), "-m", "compileall", "-q", str(venv / "lib")], check=True,
                    stdout=subprocess.DEVNULL, env=env)
     return venv / "bin"

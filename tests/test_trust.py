@@ -102,7 +102,10 @@ def test_a_config_in_a_directory_another_user_made_is_refused(emulator, tmp_path
     (theirs / "config.toml").write_text(daemon.config.read_text())
     daemon.env["IAPD_CONFIG"] = str(theirs / "config.toml")
     daemon.start(expect_ready=False)
-    assert daemon.proc.wait(timeout=30) == 2
+    try:
+        assert daemon.proc.wait(timeout=30) == 2
+    finally:
+        stop_process(daemon.proc)
     line = daemon.logs().strip().splitlines()[-1]
     assert "not safe to use" in line and f"belongs to uid {NOBODY}" in line, line
 

@@ -107,6 +107,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="print the files and commands instead of running them")
     p.set_defaults(func=cmd_service)
 
+    p = sub.add_parser("completion", help="print a shell completion script: bash, zsh or fish",
+                       description="Print a script that completes iapctl's commands, flags and profile names (read "
+                                   "from the config; no daemon needed). bash: `source <(iapctl completion bash)` in "
+                                   "~/.bashrc; zsh: `source <(iapctl completion zsh)` in ~/.zshrc; fish: `iapctl "
+                                   "completion fish > ~/.config/fish/completions/iapctl.fish`.")
+    p.add_argument("shell", nargs="?", choices=["bash", "zsh", "fish"], help="default: the one in $SHELL")
+    p.add_argument("--profiles", action="store_true", help=argparse.SUPPRESS)  # what the scripts call
+
+    def completion(args: argparse.Namespace) -> int:
+        from iapctl.completion import main
+
+        return main(args.shell, args.profiles, parser)
+
+    p.set_defaults(func=completion)
+
     # flyte-iap's subcommands, flags and output, so `proxyCommand` changes by one word.
     p = sub.add_parser("generate-user-id-token", help="flyte-iap drop-in: a user ID token",
                        description="flyte-iap compatible: print a user ID token for the IAP web app client.")

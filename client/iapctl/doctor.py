@@ -156,6 +156,27 @@ def _profiles(report: Report, status: dict | None) -> None:
             report.problem(f"profile {name}", f"{state}: {message}", FIXES.get(state, "see `iapctl status`").format(name=name))
 
 
+def _flytekit(report: Report) -> None:
+    """`authType: iapd` needs the `flytekit.auth` entry-point group: flytekit 1.16.24 or newer.
+    An older one logs "Authentication type iapd does not exist, defaulting to standard" and
+    starts a browser login of its own (or hangs in CI)."""
+    from importlib import metadata
+
+    from iapctl.flytekit_plugin import MIN_FLYTEKIT
+
+    try:
+        version = metadata.version("flytekit")
+    except metadata.PackageNotFoundError:
+        return  # nothing to check: proxyCommand works with any flytekit
+    numbers = tuple(int(part) for part in version.split(".")[:3] if part.isdigit())
+    wanted = ".".join(map(str, MIN_FLYTEKIT))
+    if numbers < MIN_FLYTEKIT:
+        report.problem("flytekit", f"{version} is older than {wanted}: `authType: iapd` is unknown to it",
+                       f"pip install 'flytekit>={wanted}', or use proxyCommand/ExternalCommand with `iapctl token`")
+    else:
+        report.ok("flytekit", f"{version}: `authType: iapd` works")
+
+
 def run_doctor() -> int:
     report = Report()
     config = _config(report)
@@ -164,5 +185,6 @@ def run_doctor() -> int:
     _service(report)
     _clock(report, config)
     _profiles(report, status)
+    _flytekit(report)
     print(f"\n{report.problems} problem(s)." if report.problems else "\nAll good.")
     return 1 if report.problems else 0

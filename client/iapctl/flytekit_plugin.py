@@ -23,35 +23,52 @@ def profile_of(command) -> str:
     return os.environ.get("IAPD_FLYTE_PROFILE") or "flyte"
 
 
+MIN_FLYTEKIT = (1, 16, 24)  # the first flytekit with the `flytekit.auth` entry-point group
+
+
 def authenticator(cfg, cfg_store):
-    """The factory flytekit calls: (PlatformConfig, ClientConfigStore) -> Authenticator."""
+    """The factory flytekit calls: (PlatformConfig, ClientConfigStore) -> Authenticator.
+
+    What flytekit's own authenticators do not: the header is the one flyteadmin advertises
+    (`authorization_metadata_key`, e.g. `flyte-authorization`, as ExternalCommand honours it);
+    a token is there before the first call, and renewed before it expires (iapd says when),
+    rather than after a call fails UNAUTHENTICATED."""
+    import time
+
     from flytekit.clients.auth.authenticator import Authenticator
     from flytekit.clients.auth.exceptions import AuthenticationError
     from flytekit.clients.auth.keyring import Credentials
 
-    from iapctl.cli import Failure, _failure_of, call, error_of, valid_profile
+    from iapctl.api import IapdError, token_info
+    from iapctl.cli import valid_profile
 
     class IapdAuthenticator(Authenticator):
-        def __init__(self, endpoint: str, profile: str) -> None:
-            super().__init__(endpoint, "authorization")
+        def __init__(self, endpoint: str, profile: str, header_key: str | None) -> None:
+            super().__init__(endpoint, header_key or "authorization")
             self.profile = profile
+            self._renew_at = 0.0
 
         def refresh_credentials(self) -> None:
             if not valid_profile(self.profile):  # from a config or $IAPD_FLYTE_PROFILE: it goes into a URL
                 raise AuthenticationError(f"iapd: invalid profile name {self.profile!r}")
             try:
-                resp = call("GET", f"/v1/token/{self.profile}")
-                if resp.status != 200:
-                    error = error_of(resp)
-                    if error.get("error") == "login_required":
-                        from iapctl.autologin import login_when_needed
-
-                        login_when_needed(self.profile, error)
-                        resp = call("GET", f"/v1/token/{self.profile}")
-                    if resp.status != 200:
-                        raise _failure_of(self.profile, error_of(resp))
-            except Failure as exc:
+                got = token_info(self.profile)
+            except IapdError as exc:
                 raise AuthenticationError(f"iapd: {exc.message}") from None
-            self._set_credentials(Credentials(access_token=resp.body.decode(), for_endpoint=self._endpoint))
+            # iapd's expiry already has its margin taken off: renew when it is reached.
+            self._renew_at = got.expires_at
+            self._set_credentials(Credentials(access_token=got.value, for_endpoint=self._endpoint,
+                                              expires_in=max(int(got.expires_in), 0)))
 
-    return IapdAuthenticator(cfg.endpoint, profile_of(cfg.command))
+        def fetch_grpc_call_auth_metadata(self):
+            if self.get_credentials() is None or time.time() >= self._renew_at:
+                self.refresh_credentials()
+            return super().fetch_grpc_call_auth_metadata()
+
+    header_key = None
+    if cfg_store is not None:
+        try:
+            header_key = cfg_store.get_client_config().header_key
+        except Exception:  # noqa: BLE001 - flyteadmin without the metadata service: the default header
+            header_key = None
+    return IapdAuthenticator(cfg.endpoint, profile_of(cfg.command), header_key)
