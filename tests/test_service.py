@@ -19,6 +19,21 @@ IAPCTL = shutil.which("iapctl", path=os.path.dirname(sys.executable))
 IAPD = shutil.which("iapd", path=os.path.dirname(sys.executable))
 
 
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def tmp_path(request):
+    """This module's folders are outside /tmp: the unit runs with a private /tmp, and `service
+    install` rightly refuses a config or state dir there (which pytest's own tmp_path is in)."""
+    import tempfile
+
+    (ROOT / "build").mkdir(exist_ok=True)
+    folder = Path(tempfile.mkdtemp(prefix="service-test-", dir=ROOT / "build"))
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
 def dry_run(env: dict, action: str = "install") -> str:
     out = subprocess.run([IAPCTL, "service", action, "--dry-run"], env=env, capture_output=True, text=True, timeout=30)
     assert out.returncode == 0, out.stderr
@@ -44,6 +59,21 @@ def test_install_dry_run_linux(tmp_path, monkeypatch):
     assert not unit_dir.exists()  # a dry run writes nothing
     removal = dry_run(env, "uninstall")
     assert f"# would remove {unit_dir}/iapd.service" in removal and "disable --now iapd.socket" in removal
+
+
+def test_install_refuses_a_config_the_services_private_tmp_would_hide(tmp_path):
+    env = {**os.environ, "XDG_CONFIG_HOME": str(tmp_path / "cfg"), "IAPD_CONFIG": "/tmp/emu/config.toml"}
+    out = subprocess.run([IAPCTL, "service", "install", "--dry-run"], env=env, capture_output=True, text=True, timeout=30)
+    assert out.returncode == 2 and "cannot reach its config /tmp/emu/config.toml" in out.stderr, out
+
+
+def test_the_launchd_plist_is_written_by_plistlib(tmp_path, monkeypatch):
+    from iapctl.service import plan_for
+
+    home = tmp_path / "R&D <home>"
+    monkeypatch.setenv("HOME", str(home))
+    ((_, text),) = plan_for("install", platform="darwin").files.items()
+    assert plistlib.loads(text.encode())["StandardErrorPath"] == str(home / "Library" / "Logs" / "iapd.log")
 
 
 def test_install_refuses_a_path_that_would_add_directives(tmp_path):

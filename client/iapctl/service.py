@@ -55,6 +55,23 @@ def render(name: str, values: dict[str, str]) -> str:
     return "".join(lines)
 
 
+def render_plist(name: str, values: dict[str, str]) -> str:
+    """The launchd template, its `@KEY@` strings replaced in the parsed plist and written back by
+    plistlib: XML escaping is plistlib's (a path with `&` or `<` stays a path)."""
+    import plistlib
+
+    def fill(node):
+        if isinstance(node, dict):
+            return {key: fill(value) for key, value in node.items()}
+        if isinstance(node, list):
+            return [fill(value) for value in node]
+        if isinstance(node, str) and node.startswith("@") and node.endswith("@"):
+            return values[node.strip("@")]
+        return node
+
+    return plistlib.dumps(fill(plistlib.loads((UNITS / name).read_bytes()))).decode()
+
+
 def systemd_specifiers(value: str) -> str:
     """systemd expands `%x` specifiers in unit settings: a literal `%` (in a path) is `%%`."""
     return value.replace("%", "%%")
@@ -92,6 +109,13 @@ def systemd_plan(action: str) -> Plan:
     folder = _systemd_dir()
     socket_unit, service_unit = folder / "iapd.socket", folder / "iapd.service"
     if action == "install":
+        # The unit runs with PrivateTmp=yes: a config or state under /tmp would be another /tmp
+        # there, and the service would start without its profiles or logins. Refuse, saying so.
+        for what, where in (("config", paths.config_path()), ("state directory", paths.state_dir())):
+            real = os.path.realpath(where)
+            if real == "/tmp" or real.startswith(("/tmp/", "/var/tmp/")):
+                raise Failure(f"the service cannot reach its {what} {where}: the unit has a private /tmp "
+                              "(PrivateTmp=yes); move it under your home directory first", USAGE)
         # The config location is baked in if the user has moved it; the socket is systemd's (%t).
         env_lines = [f"Environment={systemd_quote(f'{k}={os.environ[k]}')}" for k in ("IAPD_CONFIG",) if os.environ.get(k)]
         values = {"IAPD": systemd_quote(iapd_executable(), command=True), "STATE_DIR": systemd_quote(paths.state_dir()),
@@ -112,7 +136,8 @@ def launchd_plan(action: str) -> Plan:
     if action == "install":
         values = {"IAPD": iapd_executable(), "SOCKET": paths.socket_path(), "CONFIG": paths.config_path(),
                   "LOG": str(home / "Library" / "Logs" / "iapd.log")}
-        return Plan({plist: render(f"{LABEL}.plist", values)}, [["launchctl", "bootstrap", domain, str(plist)]], [])
+        return Plan({plist: render_plist(f"{LABEL}.plist", values)}, [["launchctl", "bootstrap", domain, str(plist)]],
+                    [])
     if action == "uninstall":
         return Plan({}, [["launchctl", "bootout", f"{domain}/{LABEL}"]], [plist])
     return Plan({}, [["launchctl", "print", f"{domain}/{LABEL}"]], [])
