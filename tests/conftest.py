@@ -243,6 +243,20 @@ def daemon(daemon_factory) -> DaemonProcess:
     return daemon_factory()
 
 
+@pytest.fixture
+def outside_tmp():
+    """A folder that is not under /tmp (pytest's tmp_path is): for what a service with a private
+    /tmp must reach, which `iapctl service install` rightly refuses to find there."""
+    import shutil
+    import tempfile
+
+    root = Path(__file__).resolve().parent.parent / "build"
+    root.mkdir(exist_ok=True)
+    folder = Path(tempfile.mkdtemp(prefix="outside-tmp-", dir=root))
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
 # -- a disk that fills up -----------------------------------------------------------------------
 
 @pytest.fixture

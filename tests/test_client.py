@@ -130,7 +130,7 @@ def test_token_path_imports_only_the_standard_library(daemon, env):
         out = subprocess.run([sys.executable, "-c", probe, profile], env=env, capture_output=True, text=True, timeout=30)
         modules = json.loads(out.stdout.split("MODULES ", 1)[1].replace("'", '"'))
         foreign = sorted({m for m in modules if m not in sys.stdlib_module_names and m != "iapctl"}
-                         - {"__editable___iapd_0_1_0_finder", "_distutils_hack", "sitecustomize", "__main__"})
+                         - {"__editable___iapd_0_1_0_finder", "__editable___iapctl_0_1_0_finder", "_distutils_hack", "sitecustomize", "__main__"})
         assert foreign == [], foreign
     # And on success, not even the stdlib's heavier modules: the socket module pulls in enum and
     # selectors, json and http.client more still.

@@ -172,7 +172,9 @@ def test_wall_clock_jumps_never_serve_an_expired_token(daemon, emulator):
     daemon.set_clock(-2 * 3600)
     time.sleep(max(0.0, unverified_claims(short)["exp"] - time.time()) + 0.5)  # real time: the thing under test
     backwards = daemon.token("demo-user")
-    assert emulator.counters()[f"refresh:{IAP}"] == refreshes + 1
+    # At least one refresh (a 4-second token may be renewed once more in the background while
+    # we slept, on a loaded machine); what matters is that the token served is not expired.
+    assert emulator.counters()[f"refresh:{IAP}"] >= refreshes + 1
     assert unverified_claims(backwards)["exp"] > time.time()
     assert iap_admits(emulator, backwards)
 

@@ -74,3 +74,25 @@ def test_a_profile_name_with_a_line_break_is_refused_by_the_plugin(monkeypatch):
     auth = get_authenticator(PlatformConfig(endpoint="dns:///x", auth_mode="iapd"), None)
     with pytest.raises(AuthenticationError, match="invalid profile name"):
         auth.refresh_credentials()
+
+
+def test_the_plugin_needs_nothing_of_the_agents_distribution(daemon, flyteadmin):
+    """A project venv has flytekit and the `iapctl` distribution only: the plugin must work with
+    the agent's package (and its only dependency flytekit does not bring) not importable."""
+    import subprocess
+    import sys
+
+    endpoint, seen = flyteadmin
+    script = f"""
+import sys
+for name in ("iapd", "google.cloud.secretmanager"):
+    sys.modules[name] = None  # importing any of them now fails
+from flytekit.clients.raw import RawSynchronousFlyteClient
+from flytekit.configuration import PlatformConfig
+cfg = PlatformConfig(endpoint={endpoint!r}, insecure=True, auth_mode="iapd", command=["iapctl", "token", "demo-sa"])
+print([p.id for p in RawSynchronousFlyteClient(cfg).list_projects().projects])
+"""
+    env = {**daemon.env, "IAPD_AUTOSTART": "0"}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "['flytesnacks']", out.stderr[-2000:]
+    assert seen and HEADER in seen[-1]

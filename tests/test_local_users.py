@@ -384,7 +384,8 @@ def test_the_fast_path_keeps_the_header_limits(daemon):
     assert not answer.startswith(b"HTTP/1.1 200"), answer
 
 
-def test_a_percent_in_a_path_is_escaped_for_systemd(tmp_path, monkeypatch):
+def test_a_percent_in_a_path_is_escaped_for_systemd(outside_tmp, monkeypatch):
+    tmp_path = outside_tmp  # the service's private /tmp would hide pytest's own
     monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "100%state"))
     monkeypatch.setenv("IAPD_CONFIG", str(tmp_path / "50%off" / "config.toml"))
     out = subprocess.run([IAPCTL, "service", "install", "--dry-run"], capture_output=True, text=True,

@@ -23,15 +23,10 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture
-def tmp_path(request):
+def tmp_path(outside_tmp):
     """This module's folders are outside /tmp: the unit runs with a private /tmp, and `service
     install` rightly refuses a config or state dir there (which pytest's own tmp_path is in)."""
-    import tempfile
-
-    (ROOT / "build").mkdir(exist_ok=True)
-    folder = Path(tempfile.mkdtemp(prefix="service-test-", dir=ROOT / "build"))
-    yield folder
-    shutil.rmtree(folder, ignore_errors=True)
+    return outside_tmp
 
 
 def dry_run(env: dict, action: str = "install") -> str:

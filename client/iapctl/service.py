@@ -109,13 +109,6 @@ def systemd_plan(action: str) -> Plan:
     folder = _systemd_dir()
     socket_unit, service_unit = folder / "iapd.socket", folder / "iapd.service"
     if action == "install":
-        # The unit runs with PrivateTmp=yes: a config or state under /tmp would be another /tmp
-        # there, and the service would start without its profiles or logins. Refuse, saying so.
-        for what, where in (("config", paths.config_path()), ("state directory", paths.state_dir())):
-            real = os.path.realpath(where)
-            if real == "/tmp" or real.startswith(("/tmp/", "/var/tmp/")):
-                raise Failure(f"the service cannot reach its {what} {where}: the unit has a private /tmp "
-                              "(PrivateTmp=yes); move it under your home directory first", USAGE)
         # The config location is baked in if the user has moved it; the socket is systemd's (%t).
         env_lines = [f"Environment={systemd_quote(f'{k}={os.environ[k]}')}" for k in ("IAPD_CONFIG",) if os.environ.get(k)]
         values = {"IAPD": systemd_quote(iapd_executable(), command=True), "STATE_DIR": systemd_quote(paths.state_dir()),
@@ -213,8 +206,20 @@ def _install(plan: Plan) -> None:
         raise
 
 
+def check_reachable() -> None:
+    """The unit runs with PrivateTmp=yes: a config or state under /tmp would be another /tmp
+    there, and the service would start without its profiles or logins. Refuse, saying so."""
+    for what, where in (("config", paths.config_path()), ("state directory", paths.state_dir())):
+        real = os.path.realpath(where)
+        if real == "/tmp" or real.startswith(("/tmp/", "/var/tmp/")):
+            raise Failure(f"the service cannot reach its {what} {where}: the unit has a private /tmp "
+                          "(PrivateTmp=yes); move it under your home directory first", USAGE)
+
+
 def run_service(action: str, dry_run: bool) -> int:
     plan = plan_for(action)
+    if action == "install" and sys.platform.startswith("linux") and dry_run:
+        check_reachable()
     if dry_run:
         for path, text in plan.files.items():
             print(f"# would write {path}\n{text}")
@@ -228,6 +233,8 @@ def run_service(action: str, dry_run: bool) -> int:
             print(f"{path}: {'installed' if path.exists() else 'not installed'}")
     if action == "install":
         preflight()
+        if sys.platform.startswith("linux"):
+            check_reachable()
         _stop_unmanaged_daemon()
         # The sandbox makes the home read-only but for this directory, which must exist.
         os.makedirs(paths.state_dir(), mode=0o700, exist_ok=True)
