@@ -11,6 +11,7 @@ import fcntl
 import os
 import re
 import select
+import signal
 import subprocess
 import termios
 import time
@@ -34,6 +35,9 @@ class Person:
         def controlling_terminal():
             os.setsid()
             fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+            # A person's shell gives its commands Ctrl-C; `make test` run as a background job
+            # of a non-interactive shell ignores SIGINT, and its children would inherit that.
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
 
         self.proc = subprocess.Popen([IAPCTL, *args], env=env, stdin=slave, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, preexec_fn=controlling_terminal)
@@ -149,7 +153,7 @@ def test_ctrl_c_cancels_the_login_and_the_next_one_starts_afresh(env, daemon, em
     time.sleep(0.3)  # the person looks at the screen, then gives up
     person.type("\x03")  # Ctrl-C: the terminal sends SIGINT to iapctl
     out, err = person.finish()
-    assert person.proc.returncode != 0 and out == ""
+    assert person.proc.returncode == 130 and out == ""
     assert err.splitlines()[-1] == "iapctl: interrupted: the login for profile demo-user was cancelled", err
     assert "Traceback" not in err
     assert daemon.request("GET", "/v1/login/demo-user").json()["state"] == "failed"
@@ -195,3 +199,48 @@ def test_two_logins_at_once_share_one_flow_and_one_listener(env, daemon, emulato
     finally:
         for proc in procs:
             stop_process(proc)
+
+
+def test_ctrl_c_at_the_prompt_of_iapctl_token_is_no_failed_login(env, daemon):
+    """pyflyte's case: cancel, rerun. A cancel by the person must not start the cool-down that
+    is meant for logins nobody answered."""
+    person = Person("token", "demo-user", env=env)
+    person.wait_for(r"paste here")
+    person.type("\x03")
+    out, err = person.finish()
+    assert person.proc.returncode == 130 and out == "", (err, person.screen)
+    again = Person("token", "demo-user", env=env)
+    url = again.wait_for(r"open this URL in a browser.*\n\s+(http://\S+)").group(1)  # a login again, at once
+    assert "abandoned or failed recently" not in again.screen
+    again.type(redirect_of(url) + "\n")
+    out, err = again.finish()
+    assert again.proc.returncode == 0 and out.startswith("eyJ"), (err, again.screen)
+
+
+def test_a_wrong_address_pasted_is_asked_for_again(env, daemon):
+    person = Person("token", "demo-user", env=env)
+    url = person.wait_for(r"open this URL in a browser.*\n\s+(http://\S+)").group(1)
+    person.wait_for(r"paste here")
+    person.type("http://127.0.0.1:9/oauth2/callback?code=nope&state=wrong\n")
+    person.wait_for(r"does not belong to the login in progress.*paste it again")
+    person.type(redirect_of(url) + "\n")
+    out, err = person.finish()
+    assert person.proc.returncode == 0 and out.startswith("eyJ"), (err, person.screen)
+
+
+def test_a_browser_command_with_a_colon_inside_opens(env, daemon, tmp_path):
+    """$BROWSER is colon-separated; `-H 'X-A: b'` has a colon inside one command."""
+    out = subprocess.run([IAPCTL, "login", "demo-user"], env={**env, "BROWSER": "curl -sSL -o /dev/null -H 'X-A: b' %s"},
+                         capture_output=True, text=True, timeout=60, start_new_session=True)
+    assert out.returncode == 0 and out.stdout == "Logged in as demo@example.com (profile demo-user).\n", out.stderr
+
+
+def test_a_browser_command_that_does_not_parse_is_one_line_and_leaves_no_login_behind(env, daemon):
+    person = Person("token", "demo-user", env={**env, "DISPLAY": ":0", "BROWSER": "curl 'unbalanced %s"})
+    person.wait_for(r"could not open a browser with \$BROWSER")
+    person.wait_for(r"open this URL in a browser.*\n\s+(http://\S+)")
+    person.type("\x03")
+    out, err = person.finish()
+    assert "Traceback" not in err and person.proc.returncode == 130, err
+    state = daemon.request("GET", "/v1/login/demo-user").json()["state"]
+    assert state != "pending"  # the next login is its own, not one joined blind

@@ -25,7 +25,7 @@ import threading
 import time
 
 from iapctl import paths
-from iapctl.cli import LOGIN_REQUIRED, Failure, call, error_of
+from iapctl.cli import EXIT_CODE_OF_ERROR, LOGIN_REQUIRED, Cancelled, Failure, call, error_of
 from iapctl.shown import shown
 
 COOLDOWN_SECONDS = 300
@@ -121,8 +121,8 @@ def open_browser(url: str) -> bool:
     try:
         os.dup2(devnull, 1)
         os.dup2(devnull, 2)
-        chosen = [c for c in os.environ.get("BROWSER", "").split(os.pathsep) if c.strip()]
-        if not chosen:
+        chosen = browser_commands(os.environ.get("BROWSER", ""))
+        if not os.environ.get("BROWSER", "").strip():
             return bool(webbrowser.open(url))
         # $BROWSER alone: webbrowser.open would go on to any other browser it finds when the
         # chosen one fails, and report success for a browser the person never picked.
@@ -130,7 +130,7 @@ def open_browser(url: str) -> bool:
             try:
                 if webbrowser.get(command).open(url):
                     return True
-            except webbrowser.Error:
+            except (webbrowser.Error, OSError):
                 continue
         return False
     except webbrowser.Error:
@@ -140,6 +140,24 @@ def open_browser(url: str) -> bool:
         os.dup2(saved[1], 2)
         for fd in (*saved, devnull):
             os.close(fd)
+
+
+def browser_commands(value: str) -> list[str]:
+    """$BROWSER's commands, as far as they can be run. It is colon-separated, but a colon may be
+    inside one command (`curl -H 'X-A: b' %s`): the whole value is tried first when it parses as
+    one command. Parts that do not parse (an unbalanced quote) are left out — webbrowser would
+    raise ValueError on them — and the caller says the browser could not be opened."""
+    import shlex
+
+    def parses(command: str) -> bool:
+        try:
+            return bool(shlex.split(command))
+        except ValueError:
+            return False
+
+    parts = [c for c in value.split(os.pathsep) if c.strip()]
+    whole = [value] if len(parts) > 1 and parses(value) else []
+    return whole + [c for c in parts if parses(c)]
 
 
 def _ssh_forward_hint(redirect_uri: str) -> str | None:
@@ -202,7 +220,14 @@ def login(profile: str, ui, browser: bool, device: bool = False) -> dict:
         return _paste_or_forwarded(profile, started, ui)
     except KeyboardInterrupt:
         cancel(profile)
-        raise Failure(f"interrupted: the login for profile {profile} was cancelled", LOGIN_REQUIRED) from None
+        raise Cancelled(f"interrupted: the login for profile {profile} was cancelled") from None
+    except Failure:
+        raise
+    except BaseException:
+        # Whatever else ends this client (a bug, a broken $BROWSER, a kill it can see), the flow
+        # it started must not stay pending for the next login to join blind.
+        cancel(profile)
+        raise
 
 
 def _orphaned(flow: dict) -> bool:
@@ -242,8 +267,11 @@ def _paste_or_forwarded(profile: str, started: dict, ui) -> dict:
             raise Failure(f"no URL was pasted; the login was cancelled: run `iapctl login {profile}` again",
                           LOGIN_REQUIRED)
         if line.strip():
-            return _json(call("POST", f"/v1/login/{profile}/complete",
-                              json.dumps({"redirect_url": line.strip()}).encode()))
+            resp = call("POST", f"/v1/login/{profile}/complete", json.dumps({"redirect_url": line.strip()}).encode())
+            if resp.status == 400:  # not this login's address (a typo, another tab): ask again
+                ui.say(f"iapctl: {error_of(resp).get('message', 'that is not the address')}; paste it again:")
+                continue
+            return _json(resp)
     return outcome
 
 
@@ -272,7 +300,8 @@ def not_completed(profile: str, outcome: dict) -> Failure:
 def _json(resp) -> dict:
     if resp.status != 200:
         error = error_of(resp)
-        raise Failure(error.get("message", "login failed"), LOGIN_REQUIRED)
+        # The same exit code as `iapctl token` for the same cause: an unknown profile is 5, not 4.
+        raise Failure(error.get("message", "login failed"), EXIT_CODE_OF_ERROR.get(error.get("error"), LOGIN_REQUIRED))
     return resp.json()
 
 
@@ -326,6 +355,8 @@ def login_when_needed(profile: str, error: dict) -> None:
         # there is one; else this is our one line on stderr.
         who = f"iapctl: logged in as {outcome.get('email')} (profile {profile})"
         terminal.say(who) if terminal is not None else print(shown(who), file=sys.stderr)
+    except Cancelled:
+        raise  # the person's choice, not a login nobody answered: no cool-down
     except Failure:
         _mark_failed(profile)
         raise

@@ -22,6 +22,7 @@ UNREACHABLE = 3    # iapd is not running and could not be started
 LOGIN_REQUIRED = 4  # run `iapctl login PROFILE`
 BAD_PROFILE = 5    # unknown profile, or a config iapd cannot use
 UPSTREAM = 6       # Google (or the network to it) failed or refused; the message says which
+INTERRUPTED = 130  # Ctrl-C (128 + SIGINT, as shells report it)
 
 EXIT_CODE_OF_ERROR = {"login_required": LOGIN_REQUIRED, "unknown_profile": BAD_PROFILE, "bad_request": BAD_PROFILE,
                       "bad_config": BAD_PROFILE, "upstream_error": UPSTREAM, "upstream_unavailable": UPSTREAM}
@@ -36,6 +37,13 @@ class Failure(Exception):
         super().__init__(message)
         self.message = message
         self.code = code
+
+
+class Cancelled(Failure):
+    """The person stopped it (Ctrl-C): not a failure to remember — the next try starts afresh."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, INTERRUPTED)
 
 
 def fail(message: str, code: int) -> int:
@@ -119,6 +127,8 @@ def run(profile: str, adhoc: bytes | None = None, fmt: str = "plain") -> int:
                 raise _failure_of(error.get("profile") or profile, error)
     except Failure as exc:
         return fail(exc.message, exc.code)
+    except KeyboardInterrupt:
+        return fail("interrupted", INTERRUPTED)
     except wire.Unreachable as exc:
         return fail(f"iapd stopped answering: {exc}", UNREACHABLE)
     sys.stdout.write((resp.body.decode() if fmt == "plain" else formatted(resp.json(), fmt)) + "\n")
@@ -137,6 +147,8 @@ def _failure_of(profile: str, error: dict) -> Failure:
     if code == "upstream_error":
         return Failure(f"Google refused profile {profile}: {message} (retrying will not help: check the profile)",
                        UPSTREAM)
+    if code == "bad_config":  # a missing key file, say: the profile cannot work as configured
+        return Failure(f"profile {profile} cannot work as configured: {message}", BAD_PROFILE)
     return Failure(message or f"iapd answered {code}", EXIT_CODE_OF_ERROR.get(code, ERROR))
 
 

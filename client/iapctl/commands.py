@@ -10,7 +10,8 @@ import sys
 
 from iapctl import __version__, paths
 from iapctl.cli import (
-    BAD_PROFILE, ERROR, EXIT_CODE_OF_ERROR, LOGIN_REQUIRED, OK, UNREACHABLE, UPSTREAM, USAGE, Failure, call, error_of,
+    BAD_PROFILE, ERROR, EXIT_CODE_OF_ERROR, INTERRUPTED, LOGIN_REQUIRED, OK, UNREACHABLE, UPSTREAM, USAGE, Failure, call,
+    error_of,
     FORMATS, fail, run, valid_profile,
 )
 from iapctl.shown import shown
@@ -20,6 +21,7 @@ def say(text: str) -> None:
     """A line for a person that quotes what the daemon, an issuer or a config said."""
     print(shown(text))
 
+
 EXIT_CODES = f"""exit codes:
   {OK}  success
   {ERROR}  unexpected error
@@ -28,6 +30,7 @@ EXIT_CODES = f"""exit codes:
   {LOGIN_REQUIRED}  login required: run `iapctl login PROFILE`
   {BAD_PROFILE}  unknown profile, or a profile that cannot work as configured
   {UPSTREAM}  Google (or the network to it) failed (try again later) or refused (the message says why)
+  {INTERRUPTED}  interrupted (Ctrl-C); a login it had started is cancelled, and the next one starts afresh
 
 environment:
   IAPD_SOCKET      socket path (default: $XDG_RUNTIME_DIR/iapd/iapd.sock)
@@ -152,7 +155,7 @@ def dispatch(argv: list[str]) -> int:
     except Failure as exc:
         return fail(exc.message, exc.code)
     except KeyboardInterrupt:
-        return fail("interrupted", ERROR)
+        return fail("interrupted", INTERRUPTED)
     except BrokenPipeError:
         # `iapctl status | head -1`: the reader is gone, which is its right. No traceback, and
         # none at exit either (Python flushes stdout then): point it at /dev/null.
