@@ -17,6 +17,13 @@ from iapctl.cli import (
 from iapctl.shown import shown
 
 
+def _clipped(text: str, width: int) -> str:
+    """At most `width` characters, cut at a word and marked (`status` cut LAST ERROR mid-word)."""
+    if len(text) <= width:
+        return text
+    return text[:width - 1].rsplit(" ", 1)[0].rstrip(" ,;:(") + "…"
+
+
 def say(text: str) -> None:
     """A line for a person that quotes what the daemon, an issuer or a config said."""
     print(shown(text))
@@ -50,7 +57,7 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="iapctl", description="Client of the iapd agent: Google Cloud IAP ID tokens in milliseconds.",
                      epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--version", action="version", version=f"iapctl {__version__}")
+    parser.add_argument("-V", "--version", action="version", version=f"iapctl {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
     p = sub.add_parser("token", help="print an ID token for PROFILE (for Flyte's proxyCommand)",
@@ -239,8 +246,14 @@ def cmd_status(args: argparse.Namespace) -> int:
             raise
         if args.json:
             print(json.dumps({"running": False, "socket": path}))
+            return UNREACHABLE
+        from iapctl.autostart import autostart_enabled, service_manager_unit
+
+        manager = service_manager_unit()
+        if manager is None and autostart_enabled():
+            print(f"iapd is not running (socket {path}); it starts by itself on the first `iapctl token`.")
         else:
-            print(f"iapd is not running (socket {path}). Start it with `iapd serve` or `iapctl service install`.")
+            print(f"iapd is not running (socket {path}): {manager or 'start it with `iapd serve` (autostart is off)'}.")
         return UNREACHABLE
     if args.json:
         print(json.dumps({"running": True, "socket": status["daemon"]["socket"], **status}, indent=2))
@@ -260,7 +273,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         audience = p.get("audience") or ("(allowlist)" if p.get("mode") == "allowlist" else "-")
         rows.append((p["name"], p.get("identity") or "-", p["state"], audience,
                      _duration(p.get("expires_in")), _duration(p.get("next_renewal_in")),
-                     (error.get("message") or "-")[:70]))
+                     _clipped(error.get("message") or "-", 70)))
     if len(rows) == 1:
         say(f"no profiles: add one to {d['config']}")
         return OK

@@ -68,13 +68,27 @@ def _socket(report: Report) -> str:
 
 
 def _daemon(report: Report, socket_path: str) -> dict | None:
+    from iapctl.autostart import autostart_enabled, service_manager_unit
+
     try:
         resp = call("GET", "/v1/status", autostart=False, timeout=5)
     except Failure as exc:
-        report.problem("daemon", exc.message, "`iapctl token PROFILE` starts it, or `iapd serve`, or `iapctl service install`")
+        manager = service_manager_unit()
+        if exc.message.startswith("iapd is not running") and manager is None and autostart_enabled():
+            # A healthy set-up without a service: nothing runs until it is needed.
+            report.note("daemon", "not running; it starts by itself on the first `iapctl token`")
+        else:
+            report.problem("daemon", exc.message, manager or "`iapd serve` (autostart is off)"
+                           if exc.message.startswith("iapd is not running") else "see the message")
         return None
     status = resp.json()
     daemon = status["daemon"]
+    mine = os.path.realpath(paths.config_path())
+    if os.path.realpath(daemon["config"]) != mine:
+        # `iapctl token` talks to the daemon on this socket: its config, not the one this shell names.
+        report.problem("daemon config", f"the daemon on this socket serves {daemon['config']}, but this shell's "
+                       f"config is {paths.config_path()} ($IAPD_CONFIG): `iapctl token` gets the daemon's profiles",
+                       "`iapctl restart` from this shell to serve this config, or give it its own [daemon] socket")
     if daemon["version"] != __version__:
         report.problem("daemon", f"iapd {daemon['version']} runs, iapctl is {__version__}", "`iapctl restart`")
     else:

@@ -231,6 +231,22 @@ def run_service(action: str, dry_run: bool) -> int:
     if action == "status":
         for path in plan_for("uninstall").remove:
             print(f"{path}: {'installed' if path.exists() else 'not installed'}")
+    if action in ("status", "uninstall"):
+        try:
+            preflight()
+        except Failure as exc:
+            # No service manager to ask (or to tell): say so in one line, not in systemctl's
+            # words; an uninstall still removes the files, which is all there is to undo.
+            if action == "status":
+                print(f"no service manager here: {exc.message.split(';')[0].split(' (')[0]}; "
+                      "iapctl starts iapd by itself when needed")
+                return OK
+            for path in plan.remove:
+                if path.exists():
+                    path.unlink()
+                    print(f"removed {path}")
+            print("no service manager here, so there was nothing to stop or disable")
+            return OK
     if action == "install":
         preflight()
         if sys.platform.startswith("linux"):

@@ -10,7 +10,7 @@ from iapd import __version__
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="iapd", description="Per-user credential agent for Google Cloud IAP.")
-    parser.add_argument("--version", action="version", version=f"iapd {__version__}")
+    parser.add_argument("-V", "--version", action="version", version=f"iapd {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     from iapd.emulator import cli as emulator_cli  # arguments only; the emulator loads when run
 
@@ -18,7 +18,9 @@ def build_parser() -> argparse.ArgumentParser:
                            description="Run the agent: renew ID tokens per profile before they expire and serve "
                                        "them on a unix socket to processes of the same user.")
     serve.add_argument("--config", help="config file (default: $IAPD_CONFIG or $XDG_CONFIG_HOME/iapd/config.toml)")
-    serve.add_argument("--socket", help="socket path (default: $IAPD_SOCKET or $XDG_RUNTIME_DIR/iapd/iapd.sock)")
+    serve.add_argument("--socket", help="socket path (default: $IAPD_SOCKET, else the config's [daemon] socket, else "
+                                        "$XDG_RUNTIME_DIR/iapd/iapd.sock; without a runtime dir, a private "
+                                        "$TMPDIR/iapd-UID/ or $XDG_STATE_HOME/iapd/run-HOST/)")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                        help="log verbosity on stderr (default: %(default)s)")
     serve.add_argument("--test-clock", action="store_true", help=argparse.SUPPRESS)
