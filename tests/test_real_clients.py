@@ -86,7 +86,8 @@ def test_flytekit_reports_our_one_line(flyte_env, emulator, tmp_path, monkeypatc
 
 def readme_curl_commands() -> list[str]:
     text = README.read_text()
-    return [line.split("#")[0].strip() for line in text.splitlines() if line.startswith("curl --unix-socket $S")]
+    return [line.split("#")[0].strip() for line in text.splitlines()
+            if line.startswith("curl ") and '--unix-socket "$S"' in line]
 
 
 @pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")

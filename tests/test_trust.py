@@ -356,3 +356,19 @@ def test_where_peers_cannot_be_told_apart_the_browser_alone_completes_no_login(d
     # The person pastes the address through the uid-checked socket: that completes it.
     done = daemon.request("POST", "/v1/login/demo-user/complete", {"redirect_url": landed}).json()
     assert done["state"] == "done", done
+
+
+def test_an_ipv4_mapped_ipv6_client_of_ours_is_served_by_the_login_listener(daemon):
+    """A browser (or curl) with an IPv6 socket reaches 127.0.0.1 as ::ffff:127.0.0.1; it is ours."""
+    import re
+    import socket
+
+    started = daemon.request("POST", "/v1/login/demo-user").json()
+    port = int(re.search(r"127\.0\.0\.1:(\d+)/", started["browser_url"]).group(1))
+    with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as client:
+        client.settimeout(10)
+        client.connect(("::ffff:127.0.0.1", port))
+        client.sendall(b"GET /nothing-here HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        answer = client.recv(4096)
+    assert answer.startswith(b"HTTP/1.1 404"), answer  # served (its not-found page), not refused
+    daemon.request("DELETE", "/v1/login/demo-user")
