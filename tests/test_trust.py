@@ -89,6 +89,16 @@ def unstarted(folder: Path, config: Path) -> DaemonProcess:
     return DaemonProcess(folder, config)
 
 
+def refused_at_start(daemon: DaemonProcess, code: int) -> str:
+    """Start `daemon`, which must exit with `code`; its last log line (the one-line reason)."""
+    daemon.start(expect_ready=False)
+    try:
+        assert daemon.proc.wait(timeout=30) == code
+    finally:
+        stop_process(daemon.proc)
+    return daemon.logs().strip().splitlines()[-1]
+
+
 # -- the config file ----------------------------------------------------------------------------
 
 def test_a_config_in_a_directory_another_user_made_is_refused(emulator, tmp_path):
@@ -101,12 +111,7 @@ def test_a_config_in_a_directory_another_user_made_is_refused(emulator, tmp_path
     daemon = unstarted(tmp_path / "d", emulator.config_path)
     (theirs / "config.toml").write_text(daemon.config.read_text())
     daemon.env["IAPD_CONFIG"] = str(theirs / "config.toml")
-    daemon.start(expect_ready=False)
-    try:
-        assert daemon.proc.wait(timeout=30) == 2
-    finally:
-        stop_process(daemon.proc)
-    line = daemon.logs().strip().splitlines()[-1]
+    line = refused_at_start(daemon, 2)
     assert "not safe to use" in line and f"belongs to uid {NOBODY}" in line, line
 
 
@@ -124,12 +129,7 @@ def test_a_second_daemon_on_one_store_refuses_to_start(daemon_factory, emulator,
     first = daemon_factory(name="one")
     second = unstarted(tmp_path / "two", emulator.config_path)
     second.config.write_text(second.config.read_text().replace(str(second.state_dir), str(first.state_dir)))
-    second.start(expect_ready=False)
-    try:
-        assert second.proc.wait(timeout=30) == 1
-    finally:
-        stop_process(second.proc)
-    line = second.logs().strip().splitlines()[-1]
+    line = refused_at_start(second, 1)
     assert f"another iapd (pid {first.proc.pid}, socket {first.socket})" in line, line
     assert first.request("GET", "/healthz").status == 200
 

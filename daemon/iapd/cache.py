@@ -14,6 +14,10 @@ all renewal of that credential until a new login. At most `max_concurrent_refres
 after a suspend every audience is due together. Entries nobody asked for in `idle_seconds` are
 not renewed ahead of time (on demand still).
 
+Entries never hold a refresh token: a source asks its login (iapd.logins), which runs one
+refresh at a time per login whichever entry asked — entries of one login may refresh "together"
+here and still reach the issuer one after the other, each with the token the last one left.
+
 One supervisor task sleeps until the next renewal is due, but never longer than `tick_seconds`:
 timers stop while a laptop sleeps, and every wake-up (and every request) re-checks both clocks.
 """
@@ -24,7 +28,7 @@ import asyncio
 import logging
 import random
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, NoReturn
 
 from iapd.clock import Clock
 from iapd.config import DaemonSettings
@@ -169,7 +173,7 @@ class TokenCache:
                 token = await self._fetch_servable(entry)
         except LoginRequired as exc:
             if isinstance(exc, ViaLoginRequired):
-                return self._failed(entry, exc)  # the `via` profile's login: retried, never ours cleared
+                self._failed(entry, exc)  # the `via` profile's login: retried, never ours cleared
             log.warning("%s: login required: %s", entry.source.key, exc.message)
             for other in self.entries.values():
                 if other.source.key == entry.source.key:
@@ -180,7 +184,7 @@ class TokenCache:
                 log.error("%s: unexpected error while refreshing: %s", entry.source.key, without_message(exc))
                 exc = UpstreamUnavailable(f"unexpected error while getting a token ({type(exc).__name__}); "
                                           "see iapd's log")
-            return self._failed(entry, exc)
+            self._failed(entry, exc)
         finally:
             # Only our own slot: a cancelled refresh must not clear a newer one started after it.
             if entry.task is me:
@@ -211,7 +215,8 @@ class TokenCache:
         raise UpstreamUnavailable(f"the token endpoint keeps returning tokens with less than "
                                   f"{self.margin_of(token):.0f}s left; try again shortly")
 
-    def _failed(self, entry: Entry, exc: IapdError) -> IdToken:
+    def _failed(self, entry: Entry, exc: IapdError) -> NoReturn:
+        """Record a failed refresh (backoff by its kind) and raise it."""
         entry.failures += 1
         delay = self._retry_delay(entry, exc)
         entry.retry_at = self.clock.mono() + delay
