@@ -245,14 +245,19 @@ def daemon(daemon_factory) -> DaemonProcess:
 
 @pytest.fixture
 def outside_tmp():
-    """A folder that is not under /tmp (pytest's tmp_path is): for what a service with a private
-    /tmp must reach, which `iapctl service install` rightly refuses to find there."""
+    """A folder that is not under /tmp (pytest's tmp_path is, and so may the checkout be): for
+    what a service with a private /tmp must reach, which `iapctl service install` rightly refuses
+    to find there. In the user's real home directory (not the isolated one), removed after."""
+    import pwd
     import shutil
     import tempfile
 
-    root = Path(__file__).resolve().parent.parent / "build"
+    home = os.path.realpath(pwd.getpwuid(os.getuid()).pw_dir)
+    if home == "/tmp" or home.startswith(("/tmp/", "/var/tmp/")):
+        pytest.skip(f"the home directory {home} is under /tmp itself")
+    root = Path(home) / ".cache"
     root.mkdir(exist_ok=True)
-    folder = Path(tempfile.mkdtemp(prefix="outside-tmp-", dir=root))
+    folder = Path(tempfile.mkdtemp(prefix="iapd-test-", dir=root))
     yield folder
     shutil.rmtree(folder, ignore_errors=True)
 
