@@ -157,8 +157,12 @@ def plant_modules(folder: Path, marker: Path) -> None:
 def test_autostart_never_imports_from_the_working_directory(emulator, tmp_path):
     checkout, marker = tmp_path / "untrusted-checkout", tmp_path / "planted-code-ran"
     plant_modules(checkout, marker)
+    # The daemon runs in the home directory, and `python -m` would put *its* working directory
+    # first on sys.path: only `-P` keeps modules lying there (a cloned repo in ~) out of it.
+    home = tmp_path / "home-with-modules"
+    plant_modules(home, marker)
     env = client_env(tmp_path, IAPD_AUTOSTART="1", IAPD_CONFIG=str(emulator.config_path),
-                     IAPD_SOCKET=str(tmp_path / "run" / "iapd.sock"))
+                     IAPD_SOCKET=str(tmp_path / "run" / "iapd.sock"), HOME=str(home))
     try:
         out = subprocess.run([IAPCTL, "token", "demo-sa"], env=env, cwd=checkout, capture_output=True, text=True,
                              timeout=60, start_new_session=True)

@@ -217,7 +217,8 @@ class Emulator:
         self.urls: EmulatorURLs | None = None
 
     async def _serve(self, app: web.Application, port: int) -> str:
-        runner = web.AppRunner(app, access_log=None)
+        # A stop does not wait a minute (aiohttp's default) for clients' idle keep-alive connections.
+        runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
         await runner.setup()
         site = web.TCPSite(runner, self.host, port)
         await site.start()
