@@ -64,6 +64,9 @@ async def _with_faults(state: EmulatorState, route: str, request: web.Request, h
         return await handler(request)
     state.counters[f"fault:{route}:{fault.kind}"] += 1
     if fault.kind == "delay":
+        # The whole request has arrived (read now): a client that goes away during the delay
+        # does not take it back — as at Google, where a request that arrived is carried out.
+        await request.read()
         await asyncio.sleep(fault.delay)
         return await handler(request)
     if fault.kind == "drop":
