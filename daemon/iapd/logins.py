@@ -127,9 +127,18 @@ class Login:
             except ViaLoginRequired:
                 raise  # another login's trouble: ours is fine
             except LoginRequired as exc:
-                # The grant is dead: never present it again. Only if it is still the stored one.
-                if await self.store.swap(self.key, presented, refresh_token=None, login_reason=exc.message):
-                    self._pending = None
+                # The grant is dead: never present it again, and say so in the store — unless a
+                # login replaced it meanwhile (then the store holds another token: leave it).
+                self._spent.add(_digest(presented))
+                try:
+                    if self._pending is not None:  # the dead one was only in memory
+                        self._pending = None
+                        await self.store.update(self.key, refresh_token=None, login_reason=exc.message)
+                    else:
+                        await self.store.swap(self.key, presented, refresh_token=None, login_reason=exc.message)
+                except OSError as write_error:
+                    log.error("%s: could not record that the login is dead (%s)", self.key,
+                              type(write_error).__name__)
                 raise
             # A record of before binding adopts the endpoint it now works at, with this write.
             fields = {} if bound is not None else {"token_endpoint": endpoint}
