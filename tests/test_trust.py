@@ -372,3 +372,18 @@ def test_an_ipv4_mapped_ipv6_client_of_ours_is_served_by_the_login_listener(daem
         answer = client.recv(4096)
     assert answer.startswith(b"HTTP/1.1 404"), answer  # served (its not-found page), not refused
     daemon.request("DELETE", "/v1/login/demo-user")
+
+
+def test_a_symlinked_config_pointing_into_another_users_directory_is_refused(tmp_path):
+    """Dotfile managers link ~/.config/iapd/config.toml elsewhere: where it points is judged too."""
+    from iapd.config import ConfigError, load_config
+
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "config.toml").write_text("")
+    os.chown(theirs, NOBODY, NOBODY)
+    mine = tmp_path / "mine"
+    mine.mkdir(mode=0o700)
+    (mine / "config.toml").symlink_to(theirs / "config.toml")
+    with pytest.raises(ConfigError, match=f"belongs to uid {NOBODY}"):
+        load_config(mine / "config.toml")

@@ -6,6 +6,7 @@ precedence); everything else follows the XDG base directory spec.
 """
 
 import os
+import stat
 
 APP = "iapd"
 
@@ -95,30 +96,25 @@ def unsafe_file(path: str) -> str | None:
     of root's (/tmp), where others cannot rename or replace what is ours. A symlinked file is
     judged where it points, and the link where it lies."""
     me = os.getuid()
-    chains = [os.path.abspath(path)]
-    real = os.path.realpath(path)
-    if real != chains[0]:
-        chains.append(real)
-    for target in chains:
+    for target in {os.path.abspath(path), os.path.realpath(path)}:
         current = target
         while True:
             try:
                 info = os.lstat(current)
             except FileNotFoundError:
-                # Nothing there yet: but whoever controls the directory could put it there later.
-                current = os.path.dirname(current)
-                continue
+                info = None  # nothing there yet: but whoever controls the directory could put it there
             except OSError as exc:
                 return f"{current} cannot be inspected ({exc.strerror})"
-            if info.st_uid not in (me, 0):
+            if info is not None and info.st_uid not in (me, 0):
                 return f"{current} belongs to uid {info.st_uid}, not to you (uid {me})"
-            writable = info.st_mode & 0o022 and not os.path.islink(current)
-            if writable and not (current != target and info.st_mode & 0o1000 and info.st_uid == 0):
+            if info is not None and info.st_mode & 0o022 and not stat.S_ISLNK(info.st_mode) \
+                    and not (current != target and info.st_mode & 0o1000 and info.st_uid == 0):
                 return f"{current} is writable by other users (mode {info.st_mode & 0o7777:o})"
             parent = os.path.dirname(current)
             if parent == current:
-                return None
+                break
             current = parent
+    return None
 
 
 class UnsafePath(Exception):
