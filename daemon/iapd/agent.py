@@ -22,11 +22,11 @@ from pydantic import ValidationError
 from iapd import __version__
 from iapd.cache import TokenCache
 from iapd.clock import Clock
-from iapd.config import Config, ConfigError, Profile, config_stamp, load_config
+from iapd.config import GOOGLE_REVOKE_URL, Config, ConfigError, Profile, config_stamp, load_config
 from iapd.errors import BadRequest, LoginRequired, UnknownProfile, without_message
 from iapd.google_http import revoke
 from iapd.login import LoginManager
-from iapd.logins import Logins, oidc_login_key, user_login_key
+from iapd.logins import Logins, is_legacy_google_key, oidc_login_key, user_login_key
 from iapd.google_creds import GoogleAuth
 from iapd.sources.base import IdToken, SourceContext, TokenSource
 from iapd.sources.service_account import ADCCredential, build_service_account_source
@@ -298,9 +298,14 @@ class Agent:
             tokens = await asyncio.to_thread(self.store.refresh_tokens_in, path)
         except OSError:
             tokens = []
-        # Each at the issuer it came from, never one that did not mint it.
-        errors = [e for e in [await revoke(self.session, url, token) if url else "its issuer is not known"
-                              for token, url in tokens] if e]
+        # Each at the issuer it came from, never one that did not mint it (a Google login of
+        # before binding, whose record names no endpoint, is Google's).
+        errors = []
+        for key, token, url in tokens:
+            url = url or (GOOGLE_REVOKE_URL if is_legacy_google_key(key) else None)
+            error = await revoke(self.session, url, token) if url else "its issuer is not known"
+            if error:
+                errors.append(error)
         await asyncio.to_thread(path.unlink, True)
         self.store.unreadable.remove(path)
         result: dict[str, Any] = {"credential": f"unreadable store {path.name}", "profiles": [],

@@ -44,12 +44,24 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+GOOGLE_TOKEN_URL = "https://oauth2.googleapis.com/token"
+GOOGLE_REVOKE_URL = "https://oauth2.googleapis.com/revoke"
+
+
+def secure_url(url: str) -> bool:
+    """https, or http to this machine (a local issuer, the emulator): where credentials may go."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    return parts.scheme == "https" or (parts.scheme == "http" and parts.hostname in ("127.0.0.1", "localhost", "::1"))
+
+
 class Endpoints(_Strict):
     """Google's endpoints. Override them for the emulator, or for private/regional endpoints."""
 
     auth_url: str = "https://accounts.google.com/o/oauth2/v2/auth"
-    token_url: str = "https://oauth2.googleapis.com/token"
-    revoke_url: str = "https://oauth2.googleapis.com/revoke"
+    token_url: str = GOOGLE_TOKEN_URL
+    revoke_url: str = GOOGLE_REVOKE_URL
     secret_manager_url: str = "https://secretmanager.googleapis.com"
     metadata_url: str = "http://metadata.google.internal"
     iam_credentials_url: str = "https://iamcredentials.googleapis.com"
@@ -144,8 +156,7 @@ class OidcSource(_Strict):
         for name in ("issuer", "authorization_endpoint", "token_endpoint", "device_authorization_endpoint",
                      "revocation_endpoint"):
             url = getattr(self, name)
-            if url is not None and urlsplit(url).scheme == "http" and \
-                    urlsplit(url).hostname not in ("127.0.0.1", "localhost", "::1"):
+            if url is not None and not secure_url(url):
                 raise ValueError(f"{name} must be https (http only for 127.0.0.1 or localhost), not {url!r}")
         if self.redirect_uri is not None:
             parts = urlsplit(self.redirect_uri)

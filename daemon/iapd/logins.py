@@ -31,16 +31,21 @@ import hashlib
 import logging
 from typing import Any, Awaitable, Callable
 
+from iapd.config import GOOGLE_REVOKE_URL, GOOGLE_TOKEN_URL
 from iapd.errors import LoginRequired, UpstreamUnavailable, ViaLoginRequired, without_message
 from iapd.store import CredentialStore
 
 log = logging.getLogger("iapd.logins")
 
-GOOGLE_TOKEN_URL = "https://oauth2.googleapis.com/token"
 CLOSE_GRACE_SECONDS = 5.0  # how long a stop waits for a rotation already at the issuer
 
 Exchange = Callable[[str], Awaitable[dict[str, Any]]]  # refresh token → the token endpoint's answer
 Revoke = Callable[[str], Awaitable[str | None]]  # a refresh token → None, or why it was not revoked
+
+
+def is_legacy_google_key(key: str) -> bool:
+    """A Google desktop login's key of before binding (it names no endpoint): Google's own."""
+    return key.startswith("user:") and "@" not in key
 
 
 def user_login_key(client_id: str, token_url: str) -> str:
@@ -91,7 +96,12 @@ class Login:
         return self.record().get("token_endpoint") or self.default_endpoint
 
     def revocation_endpoint(self) -> str | None:
-        return self.record().get("revocation_endpoint")
+        """Where this login's refresh token is revoked: the endpoint recorded at login; for a
+        Google login stored before logins were bound, Google's; else not known (None)."""
+        record = self.record()
+        if record.get("revocation_endpoint"):
+            return record["revocation_endpoint"]
+        return GOOGLE_REVOKE_URL if record and is_legacy_google_key(self.key) else None
 
     # -- refreshing ---------------------------------------------------------------------------
 

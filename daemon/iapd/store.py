@@ -23,7 +23,6 @@ from iapd.fsutil import atomic_write
 
 log = logging.getLogger("iapd.store")
 VERSION = 1
-GOOGLE_REVOKE_URL = "https://oauth2.googleapis.com/revoke"
 
 
 class CredentialStore:
@@ -80,22 +79,19 @@ class CredentialStore:
             return {}
 
     @staticmethod
-    def refresh_tokens_in(path: Path) -> list[tuple[str, str | None]]:
-        """Every refresh token a moved-aside store still holds, as far as it can be read, each
-        with the revocation endpoint of the issuer it came from (None: not known — then it is
-        revoked nowhere, rather than at an issuer that never saw it). Read as text: a store is
-        moved aside because it does not parse, and its flat records usually still do."""
+    def refresh_tokens_in(path: Path) -> list[tuple[str, str, str | None]]:
+        """Every refresh token a moved-aside store still holds, as far as it can be read: (its
+        record's key, the token, the revocation endpoint recorded with it or None). Read as text:
+        a store is moved aside because it does not parse, and its flat records usually still do."""
         text = path.read_text(encoding="utf-8", errors="replace")
-        found: list[tuple[str, str | None]] = []
+        found: list[tuple[str, str, str | None]] = []
         for record in re.finditer(r'"([^"\\]+)"\s*:\s*\{([^{}]*)(?:\}|$)', text):
             key, body = record.group(1), record.group(2)
             token = re.search(r'"refresh_token"\s*:\s*"([^"\\]+)"', body)
             if token is None:
                 continue
             url = re.search(r'"revocation_endpoint"\s*:\s*"([^"\\]+)"', body)
-            # A Google login of before binding (its key names no endpoint) is Google's.
-            google = key.startswith("user:") and "@" not in key
-            found.append((token.group(1), url.group(1) if url else (GOOGLE_REVOKE_URL if google else None)))
+            found.append((key, token.group(1), url.group(1) if url else None))
         return found
 
     def get(self, key: str) -> dict[str, Any] | None:

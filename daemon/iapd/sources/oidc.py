@@ -19,7 +19,7 @@ import math
 from typing import Any, Awaitable, Callable
 from urllib.parse import quote, urlencode, urlsplit, urlunsplit
 
-from iapd.config import OidcSource
+from iapd.config import OidcSource, secure_url
 from iapd.errors import ConfigProblem, LoginRequired, UpstreamError, UpstreamUnavailable, ViaLoginRequired
 from iapd.google_http import Answer, fetch, json_object, revoke
 from iapd.jwt import MalformedToken, unverified_claims
@@ -42,12 +42,6 @@ def device_interval(value: Any) -> float:
 def _origin(url: str) -> tuple[str, str]:
     parts = urlsplit(url)
     return parts.scheme.lower(), (parts.netloc or "").lower()
-
-
-def secure_url(url: str) -> bool:
-    """https, or http to this machine (a local issuer, the emulator): where credentials may go."""
-    parts = urlsplit(url)
-    return parts.scheme == "https" or (parts.scheme == "http" and parts.hostname in ("127.0.0.1", "localhost", "::1"))
 
 
 class OidcCredential:
@@ -278,13 +272,12 @@ class OidcCredential:
             raise UpstreamError("the issuer returned no refresh token (is `offline_access` in scopes?)")
         claims = self._check_id_token(body)
         email = claims.get("email") or claims.get("preferred_username") or claims.get("sub")
-        metadata = await self.metadata()
         record = {"refresh_token": body["refresh_token"], "email": email, "client_id": self.config.client_id,
                   # Bound: this refresh token goes to these URLs and no others, whatever the
                   # config or the discovery document says later.
                   "token_endpoint": await self._endpoint("token_endpoint")}
-        if isinstance(metadata.get("revocation_endpoint"), str):
-            record["revocation_endpoint"] = metadata["revocation_endpoint"]
+        if isinstance((await self.metadata()).get("revocation_endpoint"), str):
+            record["revocation_endpoint"] = await self._endpoint("revocation_endpoint")
         await self.login.save(record, self._revoke)
         return email or "(unknown account)"
 
@@ -332,9 +325,8 @@ class OidcCredential:
         """At the revocation endpoint of the login's own issuer (recorded at login), never one a
         later discovery document or config names."""
         try:
-            url = self.login.revocation_endpoint() or (await self.metadata()).get("revocation_endpoint")
-            if not isinstance(url, str):
-                return "the issuer has no revocation endpoint"
+            # (Checked like every endpoint a discovery document names: https or loopback only.)
+            url = self.login.revocation_endpoint() or await self._endpoint("revocation_endpoint")
             data = {"token": token, "token_type_hint": "refresh_token"}
             headers = {**(await self._headers(url)), **(await self._client_auth(data))}
         except (ConfigProblem, UpstreamError, UpstreamUnavailable, LoginRequired) as exc:

@@ -10,12 +10,11 @@ import asyncio
 from typing import Any
 from urllib.parse import urlencode
 
-from iapd.config import Endpoints
 from iapd.config import UserSource as UserConfig
 from iapd.errors import BadRequest, LoginRequired, UpstreamError
 from iapd.google_http import Answer, fetch, json_object, request_json, revoke
 from iapd.jwt import MalformedToken, unverified_claims
-from iapd.logins import GOOGLE_TOKEN_URL, Login
+from iapd.logins import Login
 from iapd.secret_manager import read_secret
 from iapd.sources.base import IdToken, SourceContext
 
@@ -146,11 +145,8 @@ class UserCredential:
         return None
 
     async def _revoke(self, token: str) -> str | None:
-        # At the login's own revocation endpoint. Without one: a record of before binding is
-        # Google's (its key names no endpoint); a grant not stored yet is the configured one's.
-        url = self.login.revocation_endpoint() or (
-            Endpoints().revoke_url if self.login.default_endpoint == GOOGLE_TOKEN_URL and self.login.record()
-            else self.ctx.endpoints.revoke_url)
+        # At the login's own revocation endpoint; a grant not stored yet, at the configured one.
+        url = self.login.revocation_endpoint() or self.ctx.endpoints.revoke_url
         return await revoke(self.ctx.session, url, token)
 
     async def logout(self) -> dict[str, Any]:
