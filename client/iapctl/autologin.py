@@ -121,12 +121,12 @@ def open_browser(url: str) -> bool:
     try:
         os.dup2(devnull, 1)
         os.dup2(devnull, 2)
-        chosen = browser_commands(os.environ.get("BROWSER", ""))
-        if not os.environ.get("BROWSER", "").strip():
+        chosen = os.environ.get("BROWSER", "")
+        if not chosen.strip():
             return bool(webbrowser.open(url))
         # $BROWSER alone: webbrowser.open would go on to any other browser it finds when the
         # chosen one fails, and report success for a browser the person never picked.
-        for command in chosen:
+        for command in browser_commands(chosen):
             try:
                 if webbrowser.get(command).open(url):
                     return True

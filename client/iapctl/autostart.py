@@ -48,6 +48,15 @@ def service_manager_unit() -> str | None:
     return None
 
 
+def when_not_running() -> str | None:
+    """What to do about a daemon that is not running: None when nothing need be done (autostart
+    starts it on the first `iapctl token`), else how to start it."""
+    manager = service_manager_unit()
+    if manager is not None:
+        return manager
+    return None if autostart_enabled() else "start it with `iapd serve` (autostart is off)"
+
+
 def autostart_enabled() -> bool:
     env = os.environ.get("IAPD_AUTOSTART")
     if env is not None:

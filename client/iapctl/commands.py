@@ -247,13 +247,11 @@ def cmd_status(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps({"running": False, "socket": path}))
             return UNREACHABLE
-        from iapctl.autostart import autostart_enabled, service_manager_unit
+        from iapctl.autostart import when_not_running
 
-        manager = service_manager_unit()
-        if manager is None and autostart_enabled():
-            print(f"iapd is not running (socket {path}); it starts by itself on the first `iapctl token`.")
-        else:
-            print(f"iapd is not running (socket {path}): {manager or 'start it with `iapd serve` (autostart is off)'}.")
+        fix = when_not_running()
+        print(f"iapd is not running (socket {path}): {fix}." if fix else
+              f"iapd is not running (socket {path}); it starts by itself on the first `iapctl token`.")
         return UNREACHABLE
     if args.json:
         print(json.dumps({"running": True, "socket": status["daemon"]["socket"], **status}, indent=2))

@@ -68,18 +68,19 @@ def _socket(report: Report) -> str:
 
 
 def _daemon(report: Report, socket_path: str) -> dict | None:
-    from iapctl.autostart import autostart_enabled, service_manager_unit
+    from iapctl.autostart import when_not_running
 
     try:
         resp = call("GET", "/v1/status", autostart=False, timeout=5)
     except Failure as exc:
-        manager = service_manager_unit()
-        if exc.message.startswith("iapd is not running") and manager is None and autostart_enabled():
-            # A healthy set-up without a service: nothing runs until it is needed.
+        if not exc.message.startswith("iapd is not running"):  # something answers that is not ours
+            report.problem("daemon", exc.message, "see the message")
+            return None
+        fix = when_not_running()
+        if fix is None:  # a healthy set-up without a service: nothing runs until it is needed
             report.note("daemon", "not running; it starts by itself on the first `iapctl token`")
         else:
-            report.problem("daemon", exc.message, manager or "`iapd serve` (autostart is off)"
-                           if exc.message.startswith("iapd is not running") else "see the message")
+            report.problem("daemon", exc.message, fix)
         return None
     status = resp.json()
     daemon = status["daemon"]

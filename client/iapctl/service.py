@@ -158,27 +158,34 @@ def _stop_unmanaged_daemon() -> None:
         print(f"stopped the iapd started earlier by iapctl (pid {pid}); the service takes over")
 
 
-def preflight(platform: str = sys.platform) -> None:
-    """Check that the service manager can take the units, before anything is touched: without a
-    systemd user manager (containers, WSL, some SSH sessions) `enable` fails half-way, and units
-    that can never start would be left behind."""
+def manager_unreachable(platform: str = sys.platform) -> str | None:
+    """Why the service manager cannot take units here, in a few words, or None if it can."""
     if platform.startswith("linux"):
         command = ["systemctl", "--user", "show-environment"]
     elif platform == "darwin":
         command = ["launchctl", "print", f"gui/{os.getuid()}"]
     else:
-        return
+        return None
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=15)
     except FileNotFoundError:
-        raise Failure(f"`{command[0]}` is not available here, so no login service can be installed; iapctl starts "
-                      "iapd by itself when needed (autostart)", ERROR) from None
+        return f"`{command[0]}` is not available here"
     except subprocess.TimeoutExpired:
-        raise Failure(f"`{shlex.join(command)}` did not answer; nothing was installed", ERROR) from None
+        return f"`{shlex.join(command)}` did not answer"
     if done.returncode != 0:
         why = (done.stderr.strip().splitlines() or ["exit status %d" % done.returncode])[0]
-        raise Failure(f"the service manager is not reachable (`{shlex.join(command)}`: {why}); nothing was installed. "
-                      "iapctl starts iapd by itself when needed (autostart), which needs no service", ERROR)
+        return f"the service manager is not reachable (`{shlex.join(command)}`: {why})"
+    return None
+
+
+def preflight(platform: str = sys.platform) -> None:
+    """Check that the service manager can take the units, before anything is touched: without a
+    systemd user manager (containers, WSL, some SSH sessions) `enable` fails half-way, and units
+    that can never start would be left behind."""
+    why = manager_unreachable(platform)
+    if why is not None:
+        raise Failure(f"{why}; nothing was installed. iapctl starts iapd by itself when needed (autostart), "
+                      "which needs no service", ERROR)
 
 
 def _install(plan: Plan) -> None:
@@ -231,22 +238,19 @@ def run_service(action: str, dry_run: bool) -> int:
     if action == "status":
         for path in plan_for("uninstall").remove:
             print(f"{path}: {'installed' if path.exists() else 'not installed'}")
-    if action in ("status", "uninstall"):
-        try:
-            preflight()
-        except Failure as exc:
-            # No service manager to ask (or to tell): say so in one line, not in systemctl's
-            # words; an uninstall still removes the files, which is all there is to undo.
-            if action == "status":
-                print(f"no service manager here: {exc.message.split(';')[0].split(' (')[0]}; "
-                      "iapctl starts iapd by itself when needed")
-                return OK
-            for path in plan.remove:
-                if path.exists():
-                    path.unlink()
-                    print(f"removed {path}")
-            print("no service manager here, so there was nothing to stop or disable")
+    why = manager_unreachable() if action in ("status", "uninstall") else None
+    if why is not None:
+        # No service manager to ask (or to tell): say so in one line, not in systemctl's
+        # words; an uninstall still removes the files, which is all there is to undo.
+        if action == "status":
+            print("no service manager here; iapctl starts iapd by itself when needed")
             return OK
+        for path in plan.remove:
+            if path.exists():
+                path.unlink()
+                print(f"removed {path}")
+        print("no service manager here, so there was nothing to stop or disable")
+        return OK
     if action == "install":
         preflight()
         if sys.platform.startswith("linux"):

@@ -42,15 +42,17 @@ def _serve(args: argparse.Namespace) -> int:
 
     path = args.config or config_path()
     try:
-        # Before aiohttp is imported: it builds its TLS context (and so reads SSL_CERT_FILE) then.
-        os.environ.update(load_config(path).daemon.environment)
-    except ConfigError:
-        pass  # serve() says what is wrong with it
+        config = load_config(path)
+    except ConfigError as exc:
+        print(f"iapd: {exc}", file=sys.stderr)
+        return 2
+    # Before aiohttp is imported: it builds its TLS context (and so reads SSL_CERT_FILE) then.
+    os.environ.update(config.daemon.environment)
     from iapd.daemon import serve, setup_logging
     from iapd.loop import run_async
 
     setup_logging(args.log_level)
-    return run_async(serve(path, args.socket, args.test_clock))
+    return run_async(serve(path, config, args.socket, args.test_clock))
 
 
 def main(argv: list[str] | None = None) -> int:

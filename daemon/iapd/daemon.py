@@ -13,7 +13,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from iapd.agent import Agent, default_state_dir
-from iapd.config import ConfigError, load_config
+from iapd.config import Config
 from iapctl.paths import UnsafePath
 from iapd.google_http import new_session
 from iapd.clock import Clock
@@ -69,15 +69,11 @@ def raise_fd_limit() -> None:
             continue
 
 
-async def serve(config_path: str, socket_path: str | None, test_clock: bool = False) -> int:
+async def serve(config_path: str, config: Config, socket_path: str | None, test_clock: bool = False) -> int:
+    """Run the agent on `config` (read from `config_path`, which reloads read again)."""
     from iapctl.paths import default_socket_path
 
     raise_fd_limit()
-    try:
-        config = load_config(config_path)
-    except ConfigError as exc:
-        print(f"iapd: {exc}", file=sys.stderr)
-        return 2
     sock = inherited_socket()
     if sock is not None:
         path, inode = sock.getsockname(), None  # systemd's socket: systemd removes it, not us
