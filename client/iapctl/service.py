@@ -72,6 +72,14 @@ def render_plist(name: str, values: dict[str, str]) -> str:
     return plistlib.dumps(fill(plistlib.loads((UNITS / name).read_bytes()))).decode()
 
 
+def _printable_in_unit(value: str) -> str:
+    """`value`, which goes into a unit file: a control character there (a newline would start a
+    directive of its own, `ExecStartPre=`) has no safe spelling, so it is refused."""
+    if not value.isprintable():
+        raise Failure(f"cannot write a systemd unit for {value!r}: it has a control character", USAGE)
+    return value
+
+
 def systemd_specifiers(value: str) -> str:
     """systemd expands `%x` specifiers in unit settings: a literal `%` (in a path) is `%%`."""
     return value.replace("%", "%%")
@@ -82,9 +90,7 @@ def systemd_quote(value: str, command: bool = False) -> str:
     and quotes escaped, and in a command line `$` doubled (systemd expands $VAR there). A
     control character — a newline would start a directive of its own (`ExecStartPre=`) — has
     no safe spelling: refused."""
-    if not value.isprintable():
-        raise Failure(f"cannot write a systemd unit for {value!r}: it has a control character", USAGE)
-    quoted = systemd_specifiers(value).replace("\\", "\\\\").replace('"', '\\"')
+    quoted = systemd_specifiers(_printable_in_unit(value)).replace("\\", "\\\\").replace('"', '\\"')
     return '"' + (quoted.replace("$", "$$") if command else quoted) + '"'
 
 
@@ -95,9 +101,7 @@ def systemd_listen_path() -> str:
     runtime = os.environ.get("XDG_RUNTIME_DIR", "")
     if runtime and chosen == os.path.join(runtime, "iapd", "iapd.sock"):
         return "%t/iapd/iapd.sock"
-    if not chosen.isprintable():
-        raise Failure(f"cannot write a systemd unit for the socket {chosen!r}: it has a control character", USAGE)
-    return systemd_specifiers(chosen)  # ListenStream= takes the rest of the line as the path
+    return systemd_specifiers(_printable_in_unit(chosen))  # ListenStream= takes the rest of the line
 
 
 def _systemd_dir() -> Path:

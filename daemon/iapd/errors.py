@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import traceback
 
+from iapctl.shown import shown
+
 
 class IapdError(Exception):
     code = "internal"
@@ -84,6 +86,4 @@ def printable(text: str) -> str:
     """`text` with control characters escaped: messages quote what an IdP or a browser sent
     (`error_description`, a redirect URL), and they end up on someone's terminal. (The client's
     rule, iapctl.shown, so that the two agree.)"""
-    from iapctl.shown import shown
-
     return shown(text)

@@ -183,9 +183,10 @@ class LoginManager:
         sock.setblocking(False)
         # Every local user can see this port; only our own uid's connections are served, few
         # at a time, each with a deadline (see iapd.guard).
-        # Fail closed: where /proc/net/tcp cannot be read (systemd's ProcSubset=pid, bwrap,
-        # firejail; macOS), anyone may reach the listener and nobody can be told apart, so the
-        # redirect alone completes nothing: the person pastes it through the uid-checked socket.
+        # Fail closed: where the kernel cannot be asked who a peer is (neither sock_diag nor
+        # /proc/net/tcp: macOS, or a seccomp filter with a pid-only /proc), anyone may reach the
+        # listener and nobody can be told apart, so the redirect alone completes nothing: the
+        # person pastes it through the uid-checked socket.
         checkable = can_check_loopback_peers()
         identify = loopback_peer_uid if checkable else (lambda _transport: os.getuid())
         gate = Gate("login listener", identify, header_timeout=10.0, max_connections=LISTENER_MAX_CONNECTIONS)

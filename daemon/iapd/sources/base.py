@@ -49,11 +49,7 @@ class IdToken:
     received_mono: float
     # As issued (`exp - iat`), however much of it was left on receipt: what the renewal margin
     # is sized from, so a token handed back from an upstream's cache is not taken for fresh.
-    issued_lifetime: float = 0.0
-
-    def __post_init__(self) -> None:
-        if not self.issued_lifetime:
-            object.__setattr__(self, "issued_lifetime", self.lifetime)
+    issued_lifetime: float
 
     @classmethod
     def opaque(cls, value: str, clock: Clock, expires_in: float) -> "IdToken":
@@ -61,7 +57,7 @@ class IdToken:
         if not 0 < expires_in <= MAX_LIFETIME:  # NaN fails this too
             raise UpstreamError("the token endpoint returned an impossible expires_in")
         _check_printable(value)
-        return cls(value, {}, expires_in, clock.wall(), clock.mono())
+        return cls(value, {}, expires_in, clock.wall(), clock.mono(), expires_in)
 
     @classmethod
     def received(cls, value: str, clock: Clock, server_date: float | None = None,
@@ -92,7 +88,7 @@ class IdToken:
             issued = lifetime = min(lifetime, expires_in)
         if lifetime <= 0:
             raise UpstreamError("the token endpoint returned an ID token that has already expired")
-        return cls(value, claims, lifetime, wall, clock.mono(), max(issued, lifetime))
+        return cls(value, claims, lifetime, wall, clock.mono(), issued)
 
     def remaining(self, clock: Clock) -> float:
         return min(self.received_wall + self.lifetime - clock.wall(),
