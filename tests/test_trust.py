@@ -387,3 +387,11 @@ def test_a_symlinked_config_pointing_into_another_users_directory_is_refused(tmp
     (mine / "config.toml").symlink_to(theirs / "config.toml")
     with pytest.raises(ConfigError, match=f"belongs to uid {NOBODY}"):
         load_config(mine / "config.toml")
+
+
+def test_a_discovery_document_that_names_a_plain_http_endpoint_elsewhere_is_refused(daemon_factory, emulator,
+                                                                                   tmp_path, hostile):
+    Hostile.answers["/.well-known/openid-configuration"] = discovery(hostile, token_endpoint="http://idp.invalid/token")
+    daemon, env = start(daemon_factory, emulator, tmp_path, bot(hostile))
+    resp = daemon.request("GET", "/v1/token/bot")
+    assert resp.status == 502 and "is not https (nor loopback)" in resp.json()["message"], resp.body
