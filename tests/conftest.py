@@ -51,7 +51,7 @@ class EmulatorProcess:
     def reset(self) -> None:
         self.settings(token_lifetime=3600, clock_offset=0, approve="auto", rotate_refresh_tokens=False,
                       user_email="demo@example.com", metadata_cache=True,
-                      metadata_cache_until_left=300)
+                      metadata_cache_until_left=300, iap_access_level=False)
         self._post("oidc", {"user": "alice@example.com", "token_lifetime": 3600, "device_interval": 5, "slow_down_polls": 0,
                             "auth_methods": ["client_secret_basic", "client_secret_post"]})
         self._post("clear_faults")

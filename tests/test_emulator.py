@@ -282,9 +282,14 @@ class TestIAP:
 
     def test_refuses_missing_wrong_audience_expired_and_forged(self, emulator):
         iap = emulator.url("iap_url") + "/"
-        missing = requests.get(iap, timeout=10)
+        # No credentials: a program's AJAX-style request gets a 401; anything else, Google's sign-in.
+        missing = requests.get(iap, headers={"X-Requested-With": "XMLHttpRequest"}, timeout=10)
         assert missing.status_code == 401 and "Invalid IAP credentials" in missing.text
         assert missing.headers["Content-Type"].startswith("text/html")
+        assert missing.headers["X-Goog-IAP-Generated-Response"] == "true"
+        sign_in = requests.get(iap, allow_redirects=False, timeout=10)
+        assert sign_in.status_code == 302 and sign_in.headers["X-Goog-IAP-Generated-Response"] == "true"
+        assert sign_in.headers["Location"].startswith(emulator.url("oauth_auth_url") + "?client_id=" + IAP)
 
         wrong_aud = self.token(emulator, audience="123456789012-adc.apps.googleusercontent.com")
         assert requests.get(iap, headers={"Proxy-Authorization": f"Bearer {wrong_aud}"}, timeout=10).status_code == 401
@@ -308,7 +313,9 @@ class TestIAP:
 
 def test_write_config_is_complete(emulator):
     config = load_config(emulator.config_path)
-    assert set(config.profiles) == {"demo-user", "demo-sa"}
+    assert set(config.profiles) == {"demo-user", "demo-sa", "demo-jwt", "demo-oidc", "demo-flyte"}
+    assert config.profiles["demo-flyte"].oidc.via == "demo-user"
+    assert config.profiles["demo-jwt"].jwt_audience == emulator.url("iap_url") + "/*"
     user = config.profiles["demo-user"]
     assert user.audience == IAP and user.user.client_secret_name and user.user.secret_manager_credentials
     assert config.endpoints.token_url == emulator.url("token_url")

@@ -96,7 +96,8 @@ def test_readme_curl_examples(daemon_factory, emulator, tmp_path):
     assert len(commands) >= 2  # the status and token examples
     # The README's profile is called `flyte`: the emulator's user profile under that name.
     config = tmp_path / "readme.toml"
-    config.write_text(emulator.config_path.read_text().replace("[profiles.demo-user", "[profiles.flyte"))
+    config.write_text(emulator.config_path.read_text().replace("[profiles.demo-user", "[profiles.flyte")
+                      .replace('via = "demo-user"', 'via = "flyte"').replace("[profiles.demo-flyte", "[profiles.flyte-admin"))
     daemon = daemon_factory(config=config, name="readme")
     daemon.login("flyte")
     env = {**os.environ, "S": daemon.socket}

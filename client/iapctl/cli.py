@@ -157,7 +157,7 @@ def _failure_of(profile: str, error: dict) -> Failure:
 DROP_IN_FLAGS = {
     "generate-user-id-token": ({"desktop_client_id", "desktop_client_secret_gcp_secret_name", "webapp_client_id",
                                 "project"}, set()),
-    "generate-service-account-id-token": ({"webapp_client_id"}, {"service_account_key"}),
+    "generate-service-account-id-token": (set(), {"webapp_client_id", "jwt_audience", "service_account_key"}),
 }
 
 
@@ -197,7 +197,11 @@ def drop_in(command: str, args: list[str]) -> int | None:
     flags = _flags(args, *DROP_IN_FLAGS[command])
     if flags is None:
         return None
-    audience = flags["webapp_client_id"]
+    if command != "generate-user-id-token" and ("webapp_client_id" in flags) == ("jwt_audience" in flags):
+        return None  # argparse says which one is wanted
+    # A signed JWT (`--jwt_audience URL`, the app's URL or `…/*`) or an ID token for IAP's client.
+    audience_key = "jwt_audience" if "jwt_audience" in flags else "audience"
+    audience = flags.get("webapp_client_id") or flags["jwt_audience"]
     if command == "generate-user-id-token":
         secret = flags["desktop_client_secret_gcp_secret_name"]
         if not secret.startswith("projects/"):
@@ -218,7 +222,7 @@ def drop_in(command: str, args: list[str]) -> int | None:
             source = f'"service_account":{{"kind":"adc","credentials_file":"{key}"}}'
         else:
             source = '"service_account":{"kind":"metadata"}'
-    definition = f'"audience":"{audience}",{source}'
+    definition = f'"{audience_key}":"{audience}",{source}'
     name = "adhoc-" + _fnv(definition)
     return run(name, adhoc=f'{{"name":"{name}",{definition}}}'.encode())
 

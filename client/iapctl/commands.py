@@ -145,7 +145,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate-service-account-id-token", help="flyte-iap drop-in: a service-account ID token",
                        description="flyte-iap compatible: print a service-account ID token for the IAP web app client, "
                                    "from a key file ($GOOGLE_APPLICATION_CREDENTIALS) or the metadata server.")
-    p.add_argument("--webapp_client_id", required=True, help="web app OAuth 2.0 client ID used by IAP (the audience)")
+    p.add_argument("--webapp_client_id", help="web app OAuth 2.0 client ID used by IAP (the audience)")
+    p.add_argument("--jwt_audience", metavar="URL",
+                   help="instead of --webapp_client_id: a JWT the service account signs itself for the app's URL "
+                        "(https://app.example.com/* or an exact URL); from a key file, no call to Google at all")
     p.add_argument("--service_account_key", help="path to a service account key file")
     p.set_defaults(func=cmd_flyte_service_account)
     return parser
@@ -393,6 +396,8 @@ def cmd_flyte_user(args: argparse.Namespace) -> int:
 
 
 def cmd_flyte_service_account(args: argparse.Namespace) -> int:
+    if (args.webapp_client_id is None) == (args.jwt_audience is None):
+        raise Failure("give one of --webapp_client_id or --jwt_audience", USAGE)
     # flyte-iap's order: --service_account_key, else $GOOGLE_APPLICATION_CREDENTIALS (which may
     # also be a workload identity federation file), else the metadata server.
     key = args.service_account_key or os.environ.get("GOOGLE_APPLICATION_CREDENTIALS")
@@ -404,4 +409,6 @@ def cmd_flyte_service_account(args: argparse.Namespace) -> int:
         source = {"kind": "adc", "credentials_file": os.path.abspath(key)}
     else:
         source = {"kind": "metadata"}
+    if args.jwt_audience is not None:
+        return _adhoc({"jwt_audience": args.jwt_audience, "service_account": source})
     return _adhoc({"audience": args.webapp_client_id, "service_account": source})

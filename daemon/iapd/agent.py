@@ -30,6 +30,7 @@ from iapd.logins import Logins, is_legacy_google_key, oidc_login_key, user_login
 from iapd.google_creds import GoogleAuth
 from iapd.sources.base import IdToken, SourceContext, TokenSource
 from iapd.sources.service_account import ADCCredential, build_service_account_source
+from iapd.sources.signed_jwt import SignedJwtSource, build_signed_jwt_source
 from iapd.sources.oidc import OidcCredential
 from iapd.sources.user import UserCredential
 from iapd.store import CredentialStore
@@ -90,7 +91,7 @@ class Agent:
     async def _check_credential_files(self) -> None:
         """Application-default credentials are a file of gcloud's, not ours: read it again when
         it changes (`gcloud auth application-default login`), with a fresh start for its profiles."""
-        for source in {s for s in self.sources.values() if isinstance(s, ADCCredential)}:
+        for source in {s for s in self.sources.values() if isinstance(s, (ADCCredential, SignedJwtSource))}:
             if await source.changed():
                 log.info("%s: the credentials file changed; reading it again", source.key)
                 self.cache.forget_source(source)
@@ -156,7 +157,7 @@ class Agent:
         Google; for OpenID Connect, everything that makes its token different — profiles of one
         login may ask for other scopes, another audience, the other token, through another proxy."""
         if profile.oidc is None:
-            return profile.audience
+            return profile.jwt_audience or profile.audience
         o = profile.oidc
         return f"{o.token}|{' '.join(o.scopes)}|{o.audience or ''}|{o.resource or ''}|{o.via or ''}"
 
@@ -198,6 +199,8 @@ class Agent:
             login = self.accounts.get(oidc_login_key(o.issuer, o.client_id, o.token_endpoint), o.token_endpoint)
             return OidcCredential(name, o, login, self.source_context, proxy_token)
         assert profile.service_account is not None
+        if profile.jwt_audience is not None:
+            return build_signed_jwt_source(name, profile.service_account, self.source_context)
         return build_service_account_source(name, profile.service_account, self.source_context)
 
     def profile(self, name: str) -> tuple[Profile, TokenSource]:
@@ -334,8 +337,9 @@ class Agent:
         login = self.logins.result(source.key) if logs_in else {"state": "none"}
         out: dict[str, Any] = {
             "name": name, "adhoc": name in self.adhoc, "kind": source.kind, "credential": source.key, "identity": source.identity(),
-            "audience": profile.oidc.audience if profile.oidc else profile.audience,
-            "mode": "oidc" if profile.oidc else ("audience" if profile.audience else "allowlist"),
+            "audience": profile.oidc.audience if profile.oidc else (profile.jwt_audience or profile.audience),
+            "mode": "oidc" if profile.oidc else "signed_jwt" if profile.jwt_audience else (
+                "audience" if profile.audience else "allowlist"),
             "expires_in": None, "next_renewal_in": None, "refresh_count": 0, "waited_requests": 0,
             "last_refresh": None, "last_error": None, "login": login["state"],
         }
@@ -371,7 +375,10 @@ class Agent:
 
 
 def _source_settings(profile: Profile) -> object:
-    """What a profile's source is made of (its audience is the cache's business, not the source's)."""
+    """What a profile's source is made of (its audience is the cache's business, not the source's).
+    A signed JWT is another source than the same account's Google-issued ID tokens."""
+    if profile.jwt_audience is not None:
+        return ("signed_jwt", profile.service_account)
     return profile.user or profile.oidc or profile.service_account
 
 

@@ -165,9 +165,26 @@ class OidcSource(_Strict):
         return self
 
 
+def _jwt_audience(value: str) -> str:
+    """The app's URL, exactly or with a path wildcard: `https://app.example.com/*`. It is where
+    the signed JWT goes, so https (http only to this machine, for a local IAP or the emulator)."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(value)
+    if not parts.hostname or parts.query or parts.fragment or "*" in value.removesuffix("/*"):
+        raise ValueError(f"expected the app's URL, such as https://app.example.com/* or https://app.example.com/path, "
+                         f"not {value!r}")
+    if not secure_url(value):
+        raise ValueError(f"must be https (http only for 127.0.0.1 or localhost), not {value!r}")
+    return value
+
+
 class Profile(_Strict):
     # The IAP OAuth client id. Absent: allowlist mode (`programmaticClients`), aud = desktop client.
     audience: str | None = Field(default=None, min_length=1)
+    # In place of `audience`, for a service account: a JWT the service account signs itself, with
+    # this `aud` (IAP's second credential: no token endpoint, no OAuth client in any allowlist).
+    jwt_audience: Annotated[str, AfterValidator(_jwt_audience)] | None = None
     user: UserSource | None = None
     service_account: ServiceAccountSource | None = None
     oidc: OidcSource | None = None
@@ -178,6 +195,11 @@ class Profile(_Strict):
             raise ValueError("give exactly one of [user], [service_account] or [oidc]")
         if self.oidc is not None and self.audience is not None:
             raise ValueError("an [oidc] profile takes its audience inside [oidc]")
+        if self.jwt_audience is not None:
+            if self.service_account is None:
+                raise ValueError("jwt_audience (a JWT signed by a service account) needs a [service_account] section")
+            if self.audience is not None:
+                raise ValueError("give audience (an ID token from Google) or jwt_audience (a signed JWT), not both")
         return self
 
 

@@ -17,12 +17,12 @@ from pathlib import Path
 
 from aiohttp import web
 
-from iapd.emulator import gcp, issuer, oauth
+from iapd.emulator import gcp, iap, issuer, oauth
 from iapd.emulator.files import write_demo_files
 from iapd.emulator.gateway import Gateway, make_gateway_app
-from iapd.emulator.iap import IAPProxy, make_backend_app, make_iap_app
+from iapd.emulator.iap import IAPProxy, iap_redirect_uri, make_backend_app, make_iap_app
 from iapd.emulator.state import (
-    DEMO_SA_EMAIL, DESKTOP_CLIENT_ID, IAP_CLIENT_ID, METADATA_SA_EMAIL, PROJECT, EmulatorState,
+    DEMO_SA_EMAIL, DESKTOP_CLIENT_ID, IAP_CLIENT_ID, METADATA_SA_EMAIL, PROJECT, ROLES, EmulatorState,
 )
 
 log = logging.getLogger("iapd.emulator")
@@ -98,6 +98,7 @@ async def control_get(request: web.Request) -> web.Response:
         "approve": state.approve,
         "user_email": state.user_email,
         "metadata_cache": state.metadata_cache,
+        "iap_access_level": state.iap_access_level,
         "rotate_refresh_tokens": state.rotate_refresh_tokens,
         "live_refresh_tokens": len(state.refresh_tokens),
         "pending_faults": {k: len(v) for k, v in state.faults.items() if v},
@@ -118,7 +119,7 @@ async def control_post(request: web.Request) -> web.Response:
         body = await request.json() if request.can_read_body else {}
         if action == "settings":
             for key in ("token_lifetime", "clock_offset", "approve", "rotate_refresh_tokens", "user_email",
-                        "metadata_cache", "metadata_cache_until_left"):
+                        "metadata_cache", "metadata_cache_until_left", "iap_access_level"):
                 if key in body:
                     setattr(state, key, type(getattr(state, key))(body[key]))
             if "metadata_cache" in body:
@@ -135,6 +136,10 @@ async def control_post(request: web.Request) -> web.Response:
                 if key in body:
                     setattr(state.issuer, key, body[key])
             state.issuer.device_polls.clear()
+        elif action == "grant":  # a role on a service account: {target, member, role}
+            if body["role"] not in ROLES or body["target"] not in state.service_accounts:
+                raise ValueError(f"role must be one of {sorted(ROLES)} and target a service account")
+            state.grant(str(body["target"]), str(body["member"]), str(body["role"]))
         elif action == "rotate_client_secret":
             state.rotate_client_secret()
         elif action == "reset_counters":
@@ -166,6 +171,9 @@ def make_google_app(state: EmulatorState) -> web.Application:
                name="iam_credentials")
     r.add_post("/v1/projects/-/serviceAccounts/{sa:[^/:]+}:generateAccessToken", gcp.generate_access_token,
                name="iam_access_token")
+    r.add_post("/v1/projects/-/serviceAccounts/{sa:[^/:]+}:signJwt", gcp.sign_jwt, name="iam_sign_jwt")
+    r.add_get("/service_accounts/v1/metadata/x509/{email}", gcp.service_account_x509, name="sa_certs")
+    r.add_get("/iap/v1/oauth/clientIds/{client:[^/:]+}:handleRedirect", iap.handle_redirect, name="iap_redirect")
     r.add_post("/v1/token", gcp.sts_token, name="sts")
     r.add_get("/", gcp.metadata_root, name="metadata_root")
     md = "/computeMetadata/v1/instance/service-accounts/{account}"
@@ -185,6 +193,7 @@ class EmulatorURLs:
     iap: str
     backend: str
     gateway: str
+    flyte: str
 
     def as_dict(self) -> dict[str, str]:
         b = self.base
@@ -205,6 +214,11 @@ class EmulatorURLs:
             "iap_url": self.iap,
             "backend_url": self.backend,
             "gateway_url": self.gateway,  # oauth2-proxy-like, trusting the /oidc issuer's ID tokens
+            # flyteadmin behind IAP: a second IAP-protected app, whose backend is the /oidc issuer
+            # (its authorization server), for `via` profiles and the browser walk through IAP.
+            "flyte_url": self.flyte,
+            "flyte_issuer": f"{self.flyte}{issuer.PREFIX}",
+            "sa_certs_url": f"{b}/service_accounts/v1/metadata/x509",
         }
 
 
@@ -233,11 +247,13 @@ class Emulator:
     async def start(self) -> "Emulator":
         base = await self._serve(make_google_app(self.state), self.port)
         backend = self.external_backend or await self._serve(make_backend_app(), 0)
-        proxy = IAPProxy(self.state, f"{base}/oauth2/v1/certs", backend,
-                         [IAP_CLIENT_ID, *sorted(self.state.allowlisted_clients)])
-        iap = await self._serve(make_iap_app(proxy), self.iap_port)
+        # IAP's own OAuth client comes back to IAP's redirect URI after a browser sign-in.
+        self.state.clients[IAP_CLIENT_ID].redirect_uris.add(iap_redirect_uri(base))
+        audiences = [IAP_CLIENT_ID, *sorted(self.state.allowlisted_clients)]
+        iap = await self._serve(make_iap_app(IAPProxy(self.state, base, backend, audiences)), self.iap_port)
+        flyte = await self._serve(make_iap_app(IAPProxy(self.state, base, base, audiences)), 0)
         gateway = Gateway(self.state.issuer, f"{base}{issuer.PREFIX}", ["kubeflow-cli"], backend)
-        self.urls = EmulatorURLs(base, iap, backend, await self._serve(make_gateway_app(gateway), 0))
+        self.urls = EmulatorURLs(base, iap, backend, await self._serve(make_gateway_app(gateway), 0), flyte)
         return self
 
     async def stop(self) -> None:

@@ -151,6 +151,42 @@ async def generate_id_token(request: web.Request) -> web.Response:
     return web.json_response({"token": token})
 
 
+MAX_SIGN_JWT_EXP = 12 * 3600  # signJwt refuses an `exp` more than 12 hours away
+
+
+async def sign_jwt(request: web.Request) -> web.Response:
+    """POST /v1/projects/-/serviceAccounts/{sa}:signJwt (IAM Credentials): the payload, signed
+    with one of the account's keys (its id in the header's `kid`)."""
+    state: EmulatorState = request.app[STATE_KEY]
+    checked = await _impersonation(request, "signJwt")
+    if isinstance(checked, web.Response):
+        return checked
+    body, target = checked
+    try:
+        payload = json.loads(body["payload"])
+        if not isinstance(payload, dict):
+            raise TypeError
+    except (KeyError, TypeError, ValueError):
+        return google_error(400, "INVALID_ARGUMENT", "payload must be a JSON object serialized as a string.")
+    exp = payload.get("exp")
+    if not isinstance(exp, (int, float)) or exp > state.now() + MAX_SIGN_JWT_EXP:
+        return google_error(400, "INVALID_ARGUMENT",
+                            "The exp claim is missing, or more than 12 hours in the future.")
+    key = state.service_accounts[target].key
+    state.counters["sign_jwt"] += 1
+    return web.json_response({"keyId": key.kid, "signedJwt": key.sign(payload)})
+
+
+async def service_account_x509(request: web.Request) -> web.Response:
+    """GET /service_accounts/v1/metadata/x509/{email} (www.googleapis.com): the account's public
+    keys, key id → X.509 certificate PEM, where IAP and anyone else checks its signed JWTs."""
+    state: EmulatorState = request.app[STATE_KEY]
+    sa = state.service_accounts.get(request.match_info["email"])
+    if sa is None:
+        return google_error(404, "NOT_FOUND", f"Service account {request.match_info['email']} not found.")
+    return web.json_response({sa.key.kid: sa.key.cert_pem})
+
+
 async def generate_access_token(request: web.Request) -> web.Response:
     """POST /v1/projects/-/serviceAccounts/{sa}:generateAccessToken (how external accounts and
     impersonated credentials become a service account)."""

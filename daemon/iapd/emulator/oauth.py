@@ -63,9 +63,11 @@ async def authorize(request: web.Request) -> web.Response:
     if client is None:
         return _html_error(401, "Error 401: invalid_client", "The OAuth client was not found.")
     redirect_uri = q.get("redirect_uri", "")
-    if not client.desktop or not _is_loopback_redirect(redirect_uri):
+    registered = redirect_uri in client.redirect_uris  # a web client (IAP's own) and its redirect URIs
+    if not registered and (not client.desktop or not _is_loopback_redirect(redirect_uri)):
         return _html_error(400, "Error 400: redirect_uri_mismatch",
-                           "Only a loopback http redirect (127.0.0.1, localhost, [::1]) is allowed for this client.")
+                           "Only a loopback http redirect (127.0.0.1, localhost, [::1]) is allowed for this client."
+                           if client.desktop else "The redirect URI is not registered for this client.")
     oauth_state = q.get("state")
 
     def fail(error: str, description: str) -> NoReturn:
@@ -81,9 +83,10 @@ async def authorize(request: web.Request) -> web.Response:
         fail("invalid_request", "Missing required parameter: scope")
     challenge = q.get("code_challenge")
     method = q.get("code_challenge_method", "plain")
-    if not challenge:
+    if not challenge and client.desktop:
         # Google still accepts desktop flows without PKCE; this emulator insists on it, because
-        # a client that forgets PKCE is a bug we want our tests to see.
+        # a client that forgets PKCE is a bug we want our tests to see. A web client (IAP's)
+        # proves itself with its secret at the exchange.
         fail("invalid_request", "code_challenge is required (PKCE)")
     if method not in ("S256", "plain"):
         fail("invalid_request", "code_challenge_method must be S256 or plain")

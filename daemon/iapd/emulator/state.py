@@ -53,6 +53,7 @@ class OAuthClient:
     secret: str
     desktop: bool  # desktop ("installed") clients may use loopback redirects
     project: str = PROJECT  # Google mints ID tokens only for an audience of the same project
+    redirect_uris: set[str] = field(default_factory=set)  # a web client's registered redirect URIs
 
 
 @dataclass
@@ -114,6 +115,14 @@ class EmulatorState:
     issuer: IssuerState = field(default_factory=IssuerState.demo)
     faults: dict[str, deque[Fault]] = field(default_factory=dict)
     counters: Counter = field(default_factory=Counter)
+    # IAP's browser sign-in: requests sent to sign in (by state), one-time tickets back to the
+    # app, and session cookies (emulator.iap).
+    iap_pending: dict[str, dict] = field(default_factory=dict)
+    iap_tickets: dict[str, dict] = field(default_factory=dict)
+    iap_sessions: dict[str, dict] = field(default_factory=dict)
+    # An access level (context-aware access) on the apps: a person's token from a command line
+    # carries no device, and is refused with a 403.
+    iap_access_level: bool = False
 
     def now(self) -> float:
         """The emulated Google's clock (tests skew it with `clock_offset`)."""

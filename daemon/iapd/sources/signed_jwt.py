@@ -1,0 +1,226 @@
+"""IAP's second credential for service accounts: a JWT the service account signs itself.
+
+IAP accepts, beside Google-issued ID tokens, a JWT with `iss` = `sub` = the service account's
+email, `aud` = the app's URL (exactly, or with a path wildcard `https://app.example.com/*`),
+`iat` now and `exp` at most an hour later, signed by one of the account's keys (`kid` in the
+header). No token endpoint, no OAuth client in IAP's programmatic allowlist, and it works for
+apps behind Identity Platform or workforce identity federation.
+
+  key_file     signed here with the key: no network call at all
+  impersonate  IAM Credentials `signJwt` for the target, as the caller credentials
+  metadata     `signJwt` for the machine's own service account, with the metadata server's
+               access token (the account needs `iam.serviceAccounts.signJwt` on itself)
+  adc          a key file signs here; an impersonation or federation file signs through
+               `signJwt` for the account it names
+
+The JWT's clock is the system's (IAP reads `iat`/`exp` against Google's), as for key-file
+assertions; its lifetime on our clocks is counted from receipt like every other token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from typing import Any, Protocol
+
+from iapd.config import ADCSource, ImpersonateSource, KeyFileSource, MetadataSource
+from iapd.errors import ConfigProblem, UpstreamError
+from iapd.google_creds import CLOUD_PLATFORM, adc_file, credentials_from_info, file_stamp, read_credentials_file
+from iapd.google_http import fetch, json_object
+from iapd.sources.base import IdToken, SourceContext
+from iapd.sources.service_account import AccessTokenSource, _impersonation_source, _target_of
+
+# IAP refuses a JWT whose `exp` is more than an hour after its `iat`.
+JWT_LIFETIME = 3600
+
+
+class Signer(Protocol):
+    """Signs a JWT payload as one service account."""
+
+    key: str
+
+    def email(self) -> str | None: ...
+
+    async def sign(self, claims: dict[str, Any]) -> str: ...
+
+
+class KeySigner:
+    """A service-account key file: the signature is made here (~1 ms of CPU, off the loop)."""
+
+    def __init__(self, path: str, ctx: SourceContext) -> None:
+        self.path = path
+        self.ctx = ctx
+        self.key = f"key_file:{path}"
+        self._signer = None
+        self._email: str | None = None
+
+    def email(self) -> str | None:
+        return self._email
+
+    def _load(self) -> None:
+        from google.auth import crypt  # pulls in cryptography: only for key-file users
+
+        info = read_credentials_file(self.path)
+        try:
+            if info.get("type") != "service_account":
+                raise ValueError(f"type is {info.get('type')!r}, expected 'service_account'")
+            # key_id comes from the file's private_key_id: the `kid` IAP looks the key up by.
+            self._signer = crypt.RSASigner.from_service_account_info(info)
+            self._email = str(info["client_email"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ConfigProblem(f"service account key file {self.path} is not a valid key: {str(exc)[:120]}") from None
+
+    def _encode(self, claims: dict[str, Any]) -> str:
+        from google.auth import jwt as google_jwt
+
+        return google_jwt.encode(self._signer, claims).decode()
+
+    async def sign(self, claims: dict[str, Any]) -> str:
+        if self._signer is None:
+            await self.ctx.google_auth.run(self._load)
+        return await self.ctx.google_auth.run(self._encode, {**claims, "iss": self._email, "sub": self._email})
+
+
+class IamSigner:
+    """IAM Credentials `signJwt` for `target`, authorised by the caller's access token."""
+
+    def __init__(self, target: str | None, delegates: list[str], caller, ctx: SourceContext,
+                 key: str, find_target=None) -> None:
+        self.target = target
+        self.delegates = delegates
+        self.caller = caller  # has `async token() -> str`
+        self.ctx = ctx
+        self.key = key
+        self._find_target = find_target  # the metadata server's own account, asked once
+
+    def email(self) -> str | None:
+        return self.target
+
+    async def sign(self, claims: dict[str, Any]) -> str:
+        if self.target is None:
+            self.target = await self._find_target()
+        base = self.ctx.endpoints.iam_credentials_url.rstrip("/")
+        url = f"{base}/v1/projects/-/serviceAccounts/{self.target}:signJwt"
+        body = {"payload": json.dumps({**claims, "iss": self.target, "sub": self.target}),
+                "delegates": [f"projects/-/serviceAccounts/{d}" for d in self.delegates]}
+        headers = {"Authorization": f"Bearer {await self.caller.token()}"}
+        try:
+            answer = await fetch(self.ctx.session, "POST", url, json=body, headers=headers,
+                                 what=f"signing a JWT as {self.target}")
+        except UpstreamError as exc:
+            if exc.http_status in (401, 403):
+                raise UpstreamError(
+                    f"permission denied on signJwt: the caller may not sign JWTs as {self.target} (it needs "
+                    "iam.serviceAccounts.signJwt on it: roles/iam.serviceAccountTokenCreator)") from None
+            raise
+        signed = json_object(answer, f"signing a JWT as {self.target}").get("signedJwt")
+        if not isinstance(signed, str):
+            raise UpstreamError("IAM Credentials returned no signedJwt")
+        return signed
+
+
+class MetadataAccessToken:
+    """The metadata server's access token for its default service account (what signJwt is
+    called with on GCE, GKE, Cloud Run), and that account's email."""
+
+    def __init__(self, ctx: SourceContext) -> None:
+        self.ctx = ctx
+
+    def _url(self, leaf: str) -> str:
+        base = self.ctx.endpoints.metadata_url.rstrip("/")
+        return f"{base}/computeMetadata/v1/instance/service-accounts/default/{leaf}"
+
+    async def email(self) -> str:
+        answer = await fetch(self.ctx.session, "GET", self._url("email"), what="asking the metadata server",
+                             headers={"Metadata-Flavor": "Google"})
+        return answer.text.strip()
+
+    async def token(self) -> str:
+        answer = await fetch(self.ctx.session, "GET", self._url("token"), what="asking the metadata server",
+                             headers={"Metadata-Flavor": "Google"})
+        token = json_object(answer, "the metadata server's access token").get("access_token")
+        if not isinstance(token, str):
+            raise UpstreamError("the metadata server returned no access token")
+        return token
+
+
+class SignedJwtSource:
+    """Tokens for an `aud` that is the app's URL (the cache's "audience" for these profiles)."""
+
+    kind = "service_account:signed_jwt"
+
+    def __init__(self, profile: str, signer: Signer | None, ctx: SourceContext, adc: ADCSource | None = None) -> None:
+        self.profile = profile
+        self.ctx = ctx
+        self._signer = signer
+        self._adc = adc  # resolved on first use, and again when the file changes
+        self._stamp: tuple | None = None
+        self.key = "jwt:" + (signer.key if signer is not None else f"adc:{adc.credentials_file or 'default'}")
+
+    def identity(self) -> str | None:
+        return self._signer.email() if self._signer is not None else None
+
+    async def changed(self) -> bool:
+        """For `adc`: whether the credentials file is another one now (then it is read again)."""
+        if self._adc is None:
+            return False
+        stamp = await asyncio.to_thread(lambda: file_stamp(self._adc.credentials_file or adc_file()))
+        if stamp == self._stamp:
+            return False
+        self._signer, self._stamp = None, stamp
+        return True
+
+    async def fetch(self, audience: str | None) -> IdToken:
+        if not audience:
+            raise ConfigProblem(f"profile {self.profile!r}: a signed JWT needs `jwt_audience` (the app's URL)")
+        if self._signer is None:
+            assert self._adc is not None
+            self._stamp = await asyncio.to_thread(lambda: file_stamp(self._adc.credentials_file or adc_file()))
+            self._signer = await self._resolve_adc(self._adc)
+        now = int(time.time())
+        signed = await self._signer.sign({"aud": audience, "iat": now, "exp": now + JWT_LIFETIME})
+        return IdToken.received(signed, self.ctx.clock)
+
+    async def _resolve_adc(self, config: ADCSource) -> Signer:
+        path = config.credentials_file or adc_file()
+        if path is None:
+            return _metadata_signer(self.ctx)
+        info = await self.ctx.google_auth.run(read_credentials_file, path)
+        kind = info.get("type")
+        if kind == "service_account":
+            return KeySigner(path, self.ctx)
+        if kind in ("external_account", "impersonated_service_account"):
+            target = _target_of(info.get("service_account_impersonation_url", ""))
+            if target is None:
+                raise ConfigProblem(f"{path}: an {kind} file must name a service account to impersonate "
+                                    "(service_account_impersonation_url) to sign a JWT")
+            source_info, delegates = _impersonation_source(info)
+            endpoints, where = self.ctx.endpoints, f"in {path}"
+            caller = AccessTokenSource(f"the source credentials of {path}",
+                                       lambda: credentials_from_info(source_info, endpoints, [CLOUD_PLATFORM], where),
+                                       self.ctx)
+            return IamSigner(target, delegates, caller, self.ctx, key=f"adc:{path}")
+        if kind == "authorized_user":
+            raise ConfigProblem(f"{path} holds a user's gcloud login, which is no service account to sign as: use "
+                                "kind = \"impersonate\" with a target service account")
+        raise ConfigProblem(f"{path}: unsupported credentials type {kind!r}")
+
+
+def _metadata_signer(ctx: SourceContext) -> IamSigner:
+    metadata = MetadataAccessToken(ctx)
+    return IamSigner(None, [], metadata, ctx, key="metadata:default", find_target=metadata.email)
+
+
+def build_signed_jwt_source(profile: str, config, ctx: SourceContext) -> SignedJwtSource:
+    if isinstance(config, KeyFileSource):
+        return SignedJwtSource(profile, KeySigner(config.key_file, ctx), ctx)
+    if isinstance(config, MetadataSource):
+        return SignedJwtSource(profile, _metadata_signer(ctx), ctx)
+    if isinstance(config, ImpersonateSource):
+        caller = AccessTokenSource.from_file(config.credentials_file, ctx)
+        signer = IamSigner(config.target, list(config.delegates), caller, ctx,
+                           key=f"impersonate:{config.target}:{caller.name}")
+        return SignedJwtSource(profile, signer, ctx)
+    assert isinstance(config, ADCSource)
+    return SignedJwtSource(profile, None, ctx, adc=config)
