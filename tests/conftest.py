@@ -55,6 +55,7 @@ class EmulatorProcess:
         self._post("oidc", {"user": "alice@example.com", "token_lifetime": 3600, "device_interval": 5, "slow_down_polls": 0,
                             "auth_methods": ["client_secret_basic", "client_secret_post"]})
         self._post("clear_faults")
+        self._post("allowlist", {"clients": ["123456789012-desktop.apps.googleusercontent.com"]})
         self._post("reset_counters")
 
 

@@ -253,7 +253,9 @@ def test_kubeflow_behind_an_oauth2_proxy_like_gateway(daemon_factory, emulator, 
     app = requests.get(emulator.url("gateway_url") + "/pipeline/apis/v2beta1/runs", headers={"Authorization": header},
                        timeout=10)
     assert app.status_code == 200 and app.json()["headers"]["X-Auth-Request-Email"] == "alice@example.com"
-    assert requests.get(emulator.url("gateway_url"), timeout=10).status_code == 401
+    assert requests.get(emulator.url("gateway_url"), headers={"Accept": "application/json"}, timeout=10).status_code == 401
+    browser = requests.get(emulator.url("gateway_url"), allow_redirects=False, timeout=10)
+    assert browser.status_code == 302 and browser.headers["Location"].startswith(emulator.url("oidc_issuer") + "/auth?")
     forged = header[:-4] + ("AAAA" if not header.endswith("AAAA") else "BBBB")
     assert requests.get(emulator.url("gateway_url"), headers={"Authorization": forged}, timeout=10).status_code == 401
 

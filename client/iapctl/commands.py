@@ -105,11 +105,32 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Stop the daemon and start it again (through systemd or launchd when they run it).")
     p.set_defaults(func=cmd_restart)
 
-    p = sub.add_parser("doctor", help="check config, socket, daemon, service, clock and profiles",
+    p = sub.add_parser("doctor", help="check config, socket, daemon, service, clock and profiles (or one app's URL)",
                        description="Check everything iapctl depends on, one line each, with a fix for what is wrong: "
                                    "the config, the socket path and its permissions, the daemon, the login service, "
-                                   "the clock against the token endpoint's, and each profile. Exit 0 if all is well.")
+                                   "the clock against the token endpoint's, and each profile. Given an app's URL, say "
+                                   "instead whether IAP there lets the profile's token in, and if not why: a wrong "
+                                   "audience, a desktop client not in IAP's allowlist, no email claim, an access level, "
+                                   "a signed JWT whose aud does not cover the URL. Exit 0 if all is well.")
+    p.add_argument("url", nargs="?", help="an app behind IAP: check this profile's token against it")
+    p.add_argument("--profile", help="the profile to check against URL (default: the one whose audience IAP names)")
     p.set_defaults(func=cmd_doctor)
+
+    p = sub.add_parser("setup", help="write a profile for an app from its URL, log in, and prove it works",
+                       description="Ask URL without credentials: IAP's redirect to Google's sign-in names its OAuth "
+                                   "client (the profile's audience); a gateway's names its OpenID Connect issuer. "
+                                   "Append the profile to the config (nothing else in the file changes), log in if "
+                                   "needed (the Google login the config already has is reused when there is exactly "
+                                   "one), then ask URL again with the token and say what IAP answered.")
+    p.add_argument("url", help="the app's URL, e.g. https://flyte.example.com/")
+    p.add_argument("--profile", required=True, help="name of the profile to write")
+    p.add_argument("--client-id", help="the desktop OAuth client (Google), or the issuer's client (OpenID Connect)")
+    p.add_argument("--client-secret-name", metavar="projects/P/secrets/S/versions/V",
+                   help="the Secret Manager secret that holds the desktop client's secret")
+    p.add_argument("--client-secret", help="the client's secret itself (stored in the config: prefer the secret name)")
+    p.add_argument("--force", action="store_true", help="replace the profile if it exists")
+    p.add_argument("--dry-run", action="store_true", help="print the profile's TOML and change nothing")
+    p.set_defaults(func=cmd_setup)
 
     p = sub.add_parser("service", help="install the login service (systemd user units or a launchd agent)",
                        description="Install, remove or inspect the service that starts iapd at login.")
@@ -363,9 +384,19 @@ def cmd_restart(args: argparse.Namespace) -> int:
 # -- doctor -------------------------------------------------------------------------------------
 
 def cmd_doctor(args: argparse.Namespace) -> int:
-    from iapctl.doctor import run_doctor
+    from iapctl.doctor import run_doctor, run_doctor_url
 
+    if args.url:
+        return run_doctor_url(args.url, args.profile and _profile(args.profile))
+    if args.profile:
+        raise Failure("--profile goes with a URL: `iapctl doctor URL --profile NAME`", USAGE)
     return run_doctor()
+
+
+def cmd_setup(args: argparse.Namespace) -> int:
+    from iapctl.setup import run_setup
+
+    return run_setup(args)
 
 
 # -- service ------------------------------------------------------------------------------------

@@ -203,3 +203,85 @@ def run_doctor() -> int:
     _flytekit(report)
     print(f"\n{report.problems} problem(s)." if report.problems else "\nAll good.")
     return 1 if report.problems else 0
+
+
+# -- `iapctl doctor URL`: would IAP there let this profile's token in? ----------------------------
+
+def _choose_profile(status: dict, guard, name: str | None) -> dict:
+    from iapctl.cli import USAGE
+
+    profiles = status.get("profiles") or []
+    if name is not None:
+        found = [p for p in profiles if p["name"] == name]
+        if not found:
+            raise Failure(f"no profile named {name!r} (profiles: {', '.join(p['name'] for p in profiles) or 'none'})",
+                          USAGE)
+        return found[0]
+    matching = [p for p in profiles if guard.client_id and p.get("audience") == guard.client_id]
+    if len(matching) == 1:
+        return matching[0]
+    if len(profiles) == 1:
+        return profiles[0]
+    if matching:
+        hint = f" (profiles with audience {guard.client_id}: {', '.join(p['name'] for p in matching)})"
+    elif guard.client_id:
+        hint = f" (none has audience {guard.client_id}: `iapctl setup URL --profile NAME` writes one)"
+    else:
+        hint = ""
+    raise Failure(f"name the profile to check: `iapctl doctor URL --profile NAME`{hint}", USAGE)
+
+
+def run_doctor_url(url: str, name: str | None) -> int:
+    from iapctl import probe
+    from iapctl.cli import UPSTREAM, error_of
+
+    report = Report()
+    sign_in = probe.GOOGLE_SIGN_IN
+    config = paths.config_path()
+    try:
+        import tomllib
+
+        with open(config, "rb") as fh:
+            sign_in = (tomllib.load(fh).get("endpoints") or {}).get("auth_url") or sign_in
+    except (OSError, ValueError):
+        pass
+    try:
+        guard = probe.who_guards(url, sign_in)
+    except (OSError, ValueError) as exc:
+        raise Failure(str(exc), UPSTREAM) from None
+    if guard.kind in ("google_iap", "oidc"):
+        report.ok("app", guard.seen)
+    else:
+        report.problem("app", guard.seen, "is this the app's URL, and is IAP on for it?")
+
+    resp = call("GET", "/v1/status")
+    profile = _choose_profile(resp.json() if resp.status == 200 else {}, guard, name)
+    pname = profile["name"]
+    resp = call("GET", f"/v1/token/{pname}?format=json")
+    if resp.status != 200:
+        error = error_of(resp)
+        fix = "`iapctl login {name}`" if error.get("error") == "login_required" else "see `iapctl status`"
+        report.problem(f"profile {pname}", f"no token: {error.get('message')}", fix.format(name=pname))
+        return _done(report)
+    token = resp.json()["token"]
+    claims = probe.claims_of(token)
+    kind = "a signed JWT" if probe.is_signed_jwt(claims) else f"an ID token from {claims.get('iss')}"
+    report.ok(f"profile {pname}", f"{kind} for {claims.get('aud')}, as {claims.get('email') or claims.get('sub')}")
+    for finding in probe.before_sending(claims, url, guard, profile):
+        report.problem("token", finding.what, finding.fix)
+    try:
+        answer = probe.fetch(url, token)
+    except (OSError, ValueError) as exc:
+        report.problem("request", str(exc), "check the URL and the network")
+        return _done(report)
+    finding = probe.verdict(answer, claims, guard, profile)
+    if finding.ok:
+        report.ok("request", finding.what)
+    else:
+        report.problem("request", finding.what, finding.fix)
+    return _done(report)
+
+
+def _done(report: Report) -> int:
+    print(f"\n{report.problems} problem(s)." if report.problems else "\nAll good.")
+    return 1 if report.problems else 0

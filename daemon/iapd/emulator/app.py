@@ -99,6 +99,7 @@ async def control_get(request: web.Request) -> web.Response:
         "user_email": state.user_email,
         "metadata_cache": state.metadata_cache,
         "iap_access_level": state.iap_access_level,
+        "allowlisted_clients": sorted(state.allowlisted_clients),
         "rotate_refresh_tokens": state.rotate_refresh_tokens,
         "live_refresh_tokens": len(state.refresh_tokens),
         "pending_faults": {k: len(v) for k, v in state.faults.items() if v},
@@ -140,6 +141,8 @@ async def control_post(request: web.Request) -> web.Response:
             if body["role"] not in ROLES or body["target"] not in state.service_accounts:
                 raise ValueError(f"role must be one of {sorted(ROLES)} and target a service account")
             state.grant(str(body["target"]), str(body["member"]), str(body["role"]))
+        elif action == "allowlist":  # IAP's programmatic allowlist: {clients: [client ids]}
+            state.allowlisted_clients = {str(c) for c in body["clients"]}
         elif action == "rotate_client_secret":
             state.rotate_client_secret()
         elif action == "reset_counters":
@@ -249,9 +252,8 @@ class Emulator:
         backend = self.external_backend or await self._serve(make_backend_app(), 0)
         # IAP's own OAuth client comes back to IAP's redirect URI after a browser sign-in.
         self.state.clients[IAP_CLIENT_ID].redirect_uris.add(iap_redirect_uri(base))
-        audiences = [IAP_CLIENT_ID, *sorted(self.state.allowlisted_clients)]
-        iap = await self._serve(make_iap_app(IAPProxy(self.state, base, backend, audiences)), self.iap_port)
-        flyte = await self._serve(make_iap_app(IAPProxy(self.state, base, base, audiences)), 0)
+        iap = await self._serve(make_iap_app(IAPProxy(self.state, base, backend)), self.iap_port)
+        flyte = await self._serve(make_iap_app(IAPProxy(self.state, base, base)), 0)
         gateway = Gateway(self.state.issuer, f"{base}{issuer.PREFIX}", ["kubeflow-cli"], backend)
         self.urls = EmulatorURLs(base, iap, backend, await self._serve(make_gateway_app(gateway), 0), flyte)
         return self

@@ -2,11 +2,15 @@
 (oauth2-proxy with `--skip-jwt-bearer-tokens`), so that programmatic clients send an ID token
 from the issuer as `Authorization: Bearer`. It verifies the JWT — signature by the issuer's
 JWKS, `iss`, `aud`, `exp` — and forwards with oauth2-proxy's `X-Auth-Request-*` headers; else 401.
+With no token at all, a browser is redirected to the issuer's sign-in (a client that asks for
+`Accept: application/json` gets the 401).
 """
 
 from __future__ import annotations
 
+import secrets
 import time
+from urllib.parse import urlencode
 
 import aiohttp
 from aiohttp import web
@@ -39,7 +43,14 @@ class Gateway:
     async def handle(self, request: web.Request) -> web.StreamResponse:
         header = request.headers.get("Authorization", "")
         if header[:7].lower() != "bearer ":
-            return web.Response(status=401, text="401 Unauthorized: no bearer token\n")
+            if "application/json" in request.headers.get("Accept", ""):
+                return web.Response(status=401, text="401 Unauthorized: no bearer token\n")  # an API client
+            # A browser goes to sign in at the issuer, for the gateway's client, as oauth2-proxy
+            # with --skip-provider-button sends it.
+            params = {"client_id": self.audiences[0], "response_type": "code", "scope": "openid email",
+                      "redirect_uri": f"{request.scheme}://{request.host}/oauth2/callback",
+                      "state": secrets.token_urlsafe(12)}
+            raise web.HTTPFound(f"{self.issuer_url}/auth?{urlencode(params)}")
         try:
             claims = self.verify(header[7:].strip())
         except (auth_exceptions.GoogleAuthError, ValueError, KeyError) as exc:

@@ -75,14 +75,13 @@ class IAPProxy:
     """One IAP-protected app: programmatic callers bring a token; people bring IAP's session
     cookie, got by signing in with Google through IAP's own OAuth client."""
 
-    def __init__(self, state: EmulatorState, google_url: str, backend_url: str, audiences: list[str]) -> None:
+    def __init__(self, state: EmulatorState, google_url: str, backend_url: str) -> None:
         self.state = state
         self.google_url = google_url.rstrip("/")
         self.certs_url = f"{self.google_url}/oauth2/v1/certs"
         # Where Google publishes each service account's public keys (x509 PEM by key id).
         self.sa_certs_url = f"{self.google_url}/service_accounts/v1/metadata/x509"
         self.backend_url = backend_url.rstrip("/")
-        self.audiences = audiences
         self.cookie = COOKIE_PREFIX + secrets.token_hex(4)  # one per app: cookies ignore ports
         self._google_request = google.auth.transport.requests.Request()
         self.session: aiohttp.ClientSession | None = None
@@ -92,7 +91,10 @@ class IAPProxy:
         # The skew allowance only lets google-auth ignore our clock offset; expiry is then
         # checked against the emulated clock below, with no grace.
         skew = int(abs(self.state.clock_offset)) + 1
-        return google_id_token.verify_token(token, self._google_request, audience=self.audiences,
+        # IAP's own client, and the clients in its programmatic allowlist (read per request: a
+        # test takes one out).
+        audiences = [IAP_CLIENT_ID, *sorted(self.state.allowlisted_clients)]
+        return google_id_token.verify_token(token, self._google_request, audience=audiences,
                                             certs_url=self.certs_url, clock_skew_in_seconds=skew)
 
     async def _verify_signed_jwt(self, token: str, email: str, url: str) -> dict:
