@@ -38,6 +38,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/daemon_load.py
 	$(BIN)/python bench/daemon_resources.py
 	$(BIN)/python bench/renewal_soak.py
+	$(BIN)/python bench/signed_jwt.py
 
 clean:
 	rm -rf $(VENV) build client/build *.egg-info daemon/*.egg-info client/*.egg-info

@@ -17,8 +17,9 @@ def start_emulator(folder: Path, *args: str) -> tuple[subprocess.Popen, dict, Pa
     return proc, json.loads(proc.stdout.readline()), config
 
 
-def start_daemon(folder: Path, config: Path, settings: str = "") -> tuple[subprocess.Popen, dict]:
-    """`iapd serve` with its own socket and state; `settings` go into a [daemon] section."""
+def start_daemon(folder: Path, config: Path, settings: str = "", test_clock: bool = False) -> tuple[subprocess.Popen, dict]:
+    """`iapd serve` with its own socket and state; `settings` go into a [daemon] section;
+    `test_clock`: the daemon's clocks can be shifted (POST /v1/test/clock), to play hours in seconds."""
     if settings:
         text = config.read_text()
         config = folder / "bench.toml"
@@ -29,7 +30,8 @@ def start_daemon(folder: Path, config: Path, settings: str = "") -> tuple[subpro
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     listener.bind(str(notify))
     listener.settimeout(30)
-    proc = subprocess.Popen([sys.executable, "-m", "iapd", "serve", "--log-level", "warning"],
+    proc = subprocess.Popen([sys.executable, "-m", "iapd", "serve", "--log-level", os.environ.get("IAPD_BENCH_LOG", "warning"),
+                             *(["--test-clock"] if test_clock else [])],
                             env={**env, "NOTIFY_SOCKET": str(notify)})
     while b"READY=1" not in listener.recv(4096):
         pass
