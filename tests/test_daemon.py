@@ -198,7 +198,7 @@ def test_logout_revokes_and_wipes(daemon, emulator):
     assert json.loads((daemon.state_dir / "credentials.json").read_text())["credentials"] == {}
     assert daemon.request("GET", "/v1/token/demo-user").status == 401
     everything = {r["credential"].split(":")[0]: r for r in daemon.request("POST", "/v1/logout").json()["results"]}
-    assert set(everything) == {"user", "key_file"}
+    assert set(everything) == {"user", "key_file", "jwt", "oidc"}  # the emulator's config has all kinds
     assert everything["user"]["wiped"] is False and everything["user"]["profiles"] == ["demo-user"]
 
 

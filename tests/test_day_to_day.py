@@ -146,8 +146,12 @@ def test_iapctl_and_iapd_versions_agree(env):
 
 
 def test_doctor_says_what_is_well_and_what_to_fix(daemon, env, emulator):
+    from test_iap_browser import COOKIE_BROWSER
+
     daemon.login()
     daemon.token("demo-user")
+    for profile in ("demo-oidc", "demo-flyte"):  # the emulator's OpenID Connect profiles, logged in too
+        assert iapctl("login", profile, env={**env, "BROWSER": COOKIE_BROWSER}).returncode == 0
     out = iapctl("doctor", env=env)
     assert out.returncode == 0, out.stdout + out.stderr
     for line in ("ok       config: ", "ok       socket: ", "ok       daemon: iapd ", "ok       clock: within ",

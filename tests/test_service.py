@@ -163,7 +163,8 @@ def test_notify_socket_gets_ready_status_and_stopping(emulator, tmp_path):
     try:
         ready = listener.recv(4096).decode()
         assert "READY=1" in ready and f"MAINPID={proc.pid}" in ready
-        assert "STATUS=1 profile idle, 1 login required" in ready
+        # demo-sa and demo-jwt need no login; demo-user, demo-oidc and demo-flyte do
+        assert "STATUS=2 profiles idle, 3 login required" in ready
         proc.send_signal(signal.SIGTERM)
         assert listener.recv(4096).decode() == "STOPPING=1"
         assert proc.wait(timeout=10) == 0

@@ -178,7 +178,7 @@ def before_sending(claims: dict, url: str, guard: Guard, profile: dict) -> list[
             found.append(Finding(False, f"the signed JWT's aud {aud!r} does not cover {without_query(url)}",
                                  f'set jwt_audience = "{parts.scheme}://{parts.netloc}/*" in [profiles.{name}]'))
     elif guard.kind == "google_iap" and guard.client_id and aud != guard.client_id and profile.get("mode") != "allowlist":
-        found.append(Finding(False, f"wrong audience: the token is for {aud}, IAP at {guard.hops[0].split(' ', 1)[1]} "
+        found.append(Finding(False, f"wrong audience: the token is for {aud}, IAP at {without_query(url)} "
                                     f"expects {guard.client_id}",
                              f'set audience = "{guard.client_id}" in [profiles.{name}]'))
     if not claims.get("email") and not is_signed_jwt(claims):  # a signed JWT's identity is its iss
