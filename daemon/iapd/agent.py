@@ -22,7 +22,7 @@ from pydantic import ValidationError
 from iapd import __version__
 from iapd.cache import TokenCache
 from iapd.clock import Clock
-from iapd.config import GOOGLE_REVOKE_URL, Config, ConfigError, Profile, config_stamp, load_config
+from iapd.config import GOOGLE_REVOKE_URL, Config, ConfigError, Profile, ProxySettings, config_stamp, load_config
 from iapd.errors import BadRequest, LoginRequired, UnknownProfile, without_message
 from iapd.google_http import revoke
 from iapd.login import LoginManager
@@ -31,6 +31,7 @@ from iapd.google_creds import GoogleAuth
 from iapd.sources.base import IdToken, SourceContext, TokenSource
 from iapd.sources.service_account import ADCCredential, build_service_account_source
 from iapd.sources.signed_jwt import SignedJwtSource, build_signed_jwt_source
+from iapd.proxy import PROXY_IDLE_SECONDS, LocalProxy, Proxies
 from iapd.sources.oidc import OidcCredential
 from iapd.sources.user import UserCredential
 from iapd.store import CredentialStore
@@ -65,6 +66,8 @@ class Agent:
         self._reload_lock = asyncio.Lock()
         self._reloads: set[asyncio.Task] = set()  # reloads under way, kept referenced
         self.cache.on_tick = self.reload_soon
+        self.proxies = Proxies(self._make_proxy)
+        self._proxy_session: aiohttp.ClientSession | None = None
 
     # -- config reload ----------------------------------------------------------------------
 
@@ -111,6 +114,7 @@ class Agent:
                 return {"reloaded": False, "error": self.config_error}
             self.config_stamp, self.config_error = stamp, None
             self._apply(new)
+            await self.sync_proxies()
             await self._check_credential_files()
             log.info("reloaded the config (%s): %d profiles", why, len(new.profiles))
             return {"reloaded": True, "profiles": sorted(new.profiles)}
@@ -125,7 +129,9 @@ class Agent:
                                                 GoogleAuth(new.daemon.http_timeout_seconds))
             kept: dict[str, Profile] = {}
         else:
-            kept = {name: p for name, p in self.profiles.items() if new.profiles.get(name) == p}
+            # A profile whose proxy alone changed keeps its source (the proxy is only served here).
+            kept = {name: p for name, p in self.profiles.items() if name in new.profiles
+                    and new.profiles[name].model_copy(update={"proxy": None}) == p.model_copy(update={"proxy": None})}
         # Every other profile gets a source built from its new settings (and so a fresh cache
         # entry, without the old one's error and backoff); its login, if the same, is kept.
         self.cache.settings = new.daemon
@@ -229,6 +235,40 @@ class Agent:
             return None
         token = self.cache.peek(self.sources[name], self.cache_audience(profile))
         return token.value if token is not None else None
+
+    async def replace_token(self, name: str, rejected: IdToken) -> IdToken:
+        profile, source = self.profile(name)
+        return await self.cache.replace(source, self.cache_audience(profile), rejected)
+
+    # -- proxies ----------------------------------------------------------------------------
+
+    def _proxy_settings(self) -> dict[str, ProxySettings]:
+        """Each profile's proxy, its header resolved: Proxy-Authorization for IAP (the app keeps
+        its own Authorization), Authorization for an OpenID Connect gateway."""
+        return {name: p.proxy.model_copy(update={"header": p.proxy.header or (
+                    "authorization" if p.oidc is not None else "proxy-authorization")})
+                for name, p in self.profiles.items() if p.proxy is not None}
+
+    def _make_proxy(self, name: str, settings: ProxySettings) -> LocalProxy:
+        if self._proxy_session is None:
+            # Its own session: no total timeout (a download may take an hour), bytes as they come
+            # (no decompression), the network settings of every other call.
+            self._proxy_session = aiohttp.ClientSession(
+                auto_decompress=False, trust_env=True, cookie_jar=aiohttp.DummyCookieJar(),
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.config.daemon.http_timeout_seconds,
+                                              sock_read=PROXY_IDLE_SECONDS))
+        header = "Authorization" if settings.header == "authorization" else "Proxy-Authorization"
+        return LocalProxy(name, settings, header, lambda: self.token_info(name),
+                          lambda rejected: self.replace_token(name, rejected), self._proxy_session, self.clock.mono,
+                          self.config.daemon.header_timeout_seconds)
+
+    async def sync_proxies(self) -> None:
+        await self.proxies.sync(self._proxy_settings())
+
+    async def close_proxies(self) -> None:
+        await self.proxies.close()
+        if self._proxy_session is not None:
+            await self._proxy_session.close()
 
     async def token(self, name: str) -> str:
         return (await self.token_info(name)).value
@@ -341,7 +381,7 @@ class Agent:
             "mode": "oidc" if profile.oidc else "signed_jwt" if profile.jwt_audience else (
                 "audience" if profile.audience else "allowlist"),
             "expires_in": None, "next_renewal_in": None, "refresh_count": 0, "waited_requests": 0,
-            "last_refresh": None, "last_error": None, "login": login["state"],
+            "last_refresh": None, "last_error": None, "login": login["state"], "proxy": self.proxies.status(name),
         }
         token = entry.token if entry else None
         remaining = token.remaining(self.clock) if token else None

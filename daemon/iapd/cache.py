@@ -133,6 +133,14 @@ class TokenCache:
                 # The refresh was cancelled under us (a login or logout forgot the entry):
                 # look again — a new refresh, or the new state's answer, not a dropped connection.
 
+    async def replace(self, source: TokenSource, audience: str | None, rejected: IdToken) -> IdToken:
+        """The app refused `rejected` before its time (revoked early): a new one. Everyone who saw
+        the same token refused shares one refresh (only the token still cached is dropped)."""
+        entry = self.entry(source, audience)
+        if entry.token is rejected:
+            entry.token = None
+        return await self.get(source, audience)
+
     def peek(self, source: TokenSource, audience: str | None) -> IdToken | None:
         """The cached token if it can be served as it is (more than the margin left), else None.
         Synchronous: the socket's fast path answers from this without an await."""

@@ -179,6 +179,40 @@ def _jwt_audience(value: str) -> str:
     return value
 
 
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+def _listen(value: str) -> str:
+    """A unix socket path, or HOST:PORT on loopback: the proxy hands out the user's credential,
+    so it never listens where another machine can reach it."""
+    if value.startswith("/"):
+        return value
+    host, sep, port = value.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    if not sep or host not in LOOPBACK_HOSTS or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"expected 127.0.0.1:PORT, [::1]:PORT, localhost:PORT or an absolute unix socket path, "
+                         f"not {value!r}")
+    return value
+
+
+class ProxySettings(_Strict):
+    """A local listener that forwards to `upstream` with the profile's token added (iapd.proxy)."""
+
+    listen: Annotated[str, AfterValidator(_listen)]
+    upstream: HttpUrl
+    # Which header carries the token: Proxy-Authorization keeps the app's own Authorization (what
+    # IAP reads first); an OpenID Connect gateway reads Authorization. Default: by the profile's kind.
+    header: Literal["proxy-authorization", "authorization"] | None = None
+    # Browser Origins allowed to use it (a web page could otherwise reach a loopback port).
+    allow_origins: list[str] = []
+
+    @model_validator(mode="after")
+    def _secure(self) -> "ProxySettings":
+        if not secure_url(self.upstream):
+            raise ValueError(f"upstream must be https (http only for 127.0.0.1 or localhost), not {self.upstream!r}")
+        return self
+
+
 class Profile(_Strict):
     # The IAP OAuth client id. Absent: allowlist mode (`programmaticClients`), aud = desktop client.
     audience: str | None = Field(default=None, min_length=1)
@@ -188,6 +222,7 @@ class Profile(_Strict):
     user: UserSource | None = None
     service_account: ServiceAccountSource | None = None
     oidc: OidcSource | None = None
+    proxy: ProxySettings | None = None
 
     @model_validator(mode="after")
     def _one_source(self) -> "Profile":

@@ -107,6 +107,7 @@ async def serve(config_path: str, config: Config, socket_path: str | None, test_
     site = GuardedSite(runner, sock, gate)
     await site.start()
     agent.cache.start()
+    await agent.sync_proxies()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
@@ -121,6 +122,7 @@ async def serve(config_path: str, config: Config, socket_path: str | None, test_
         log.info("shutting down")
         notify("STOPPING=1")
         reporter.cancel()
+        await agent.close_proxies()
         await agent.cache.stop()
         await agent.accounts.close()  # a rotation already at the issuer is finished and stored
         await agent.logins.close()

@@ -219,11 +219,45 @@ class IAPProxy:
         headers["X-Goog-Authenticated-User-Email"] = f"accounts.google.com:{claims['email']}"
         headers["X-Goog-Authenticated-User-Id"] = f"accounts.google.com:{claims['sub']}"
         assert self.session is not None
+        if request.headers.get("Upgrade", "").lower() == "websocket":
+            return await self._websocket(request, headers)
+        # Streamed both ways, as Google's front end does: a large download is not held here.
         async with self.session.request(request.method, self.backend_url + request.path_qs, headers=headers,
-                                        data=await request.read(), allow_redirects=False) as upstream:
-            body = await upstream.read()
+                                        data=request.content if request.body_exists else None,
+                                        allow_redirects=False) as upstream:
             out = {k: v for k, v in upstream.headers.items() if k.lower() not in HOP_BY_HOP | {"content-encoding"}}
-            return web.Response(status=upstream.status, body=body, headers=out)
+            response = web.StreamResponse(status=upstream.status, headers=out)
+            if upstream.content_length is not None:
+                response.content_length = upstream.content_length
+            await response.prepare(request)
+            async for chunk in upstream.content.iter_chunked(256 * 1024):
+                await response.write(chunk)
+            await response.write_eof()
+            return response
+
+    async def _websocket(self, request: web.Request, headers: dict) -> web.StreamResponse:
+        """IAP checks the Upgrade request like any GET, then relays the WebSocket (and checks
+        nothing after: Google's documented behaviour)."""
+        assert self.session is not None
+        headers = {k: v for k, v in headers.items() if not k.lower().startswith("sec-websocket")}
+        async with self.session.ws_connect(self.backend_url + request.path_qs, headers=headers) as upstream:
+            client = web.WebSocketResponse()
+            await client.prepare(request)
+
+            async def pump(source, sink) -> None:
+                async for message in source:
+                    if message.type == aiohttp.WSMsgType.TEXT:
+                        await sink.send_str(message.data)
+                    elif message.type == aiohttp.WSMsgType.BINARY:
+                        await sink.send_bytes(message.data)
+                await sink.close()
+
+            tasks = [asyncio.create_task(pump(client, upstream)), asyncio.create_task(pump(upstream, client))]
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            return client
 
 
 def iap_redirect_uri(google_url: str) -> str:
@@ -282,7 +316,49 @@ async def echo(request: web.Request) -> web.Response:
     })
 
 
+async def generated_bytes(request: web.Request) -> web.StreamResponse:
+    """GET /_bytes/N: N bytes, generated as they are sent (a 5 GB download without a 5 GB file),
+    with a Content-Length; `?chunked=1` sends them chunked instead."""
+    size = int(request.match_info["size"])
+    response = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
+    if not request.query.get("chunked"):
+        response.content_length = size
+    await response.prepare(request)
+    block = b"\xa5" * (1024 * 1024)
+    left = size
+    while left > 0:
+        await response.write(block[:min(left, len(block))])
+        left -= len(block)
+    await response.write_eof()
+    return response
+
+
+async def counted_upload(request: web.Request) -> web.Response:
+    """POST /_upload: reads the body as it streams in and says how much arrived (and who sent it)."""
+    total = 0
+    async for chunk in request.content.iter_any():
+        total += len(chunk)
+    return web.json_response({"received": total, "user": request.headers.get("X-Goog-Authenticated-User-Email"),
+                              "chunked": "chunked" in request.headers.get("Transfer-Encoding", "")})
+
+
+async def websocket_echo(request: web.Request) -> web.WebSocketResponse:
+    """GET /_ws: a WebSocket that greets with who IAP said is calling, then echoes each message."""
+    ws = web.WebSocketResponse()
+    await ws.prepare(request)
+    await ws.send_str(f"hello {request.headers.get('X-Goog-Authenticated-User-Email')}")
+    async for message in ws:
+        if message.type == aiohttp.WSMsgType.TEXT:
+            await ws.send_str(message.data)
+        elif message.type == aiohttp.WSMsgType.BINARY:
+            await ws.send_bytes(message.data)
+    return ws
+
+
 def make_backend_app() -> web.Application:
-    app = web.Application()
+    app = web.Application(client_max_size=0)
+    app.router.add_get("/_bytes/{size:\\d+}", generated_bytes)
+    app.router.add_post("/_upload", counted_upload)
+    app.router.add_get("/_ws", websocket_echo)
     app.router.add_route("*", "/{tail:.*}", echo)
     return app

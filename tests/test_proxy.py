@@ -1,0 +1,190 @@
+"""The local proxy that adds a profile's token, for tools that cannot run `iapctl`: curl, requests
+and a WebSocket client through it to the emulated IAP's backend; who may use it; what is never
+forwarded; a 5 GB download in flat memory."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import socket
+import subprocess
+
+import aiohttp
+import pytest
+import requests
+
+from conftest import wait_for
+
+DEMO_CI = "demo-ci@iapd-demo.iam.gserviceaccount.com"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def with_proxy(emulator, tmp_path, profile: str = "demo-sa", upstream: str | None = None, extra: str = "",
+               listen: str | None = None) -> tuple:
+    port = free_port()
+    listen = listen or f"127.0.0.1:{port}"
+    config = tmp_path / "proxy.toml"
+    config.write_text(emulator.config_path.read_text() + f'''
+[profiles.{profile}.proxy]
+listen = "{listen}"
+upstream = "{upstream or emulator.url("iap_url")}"
+{extra}''')
+    return config, f"http://{listen}"
+
+
+@pytest.fixture
+def proxied(daemon_factory, emulator, tmp_path):
+    config, url = with_proxy(emulator, tmp_path)
+    daemon = daemon_factory(config=config, name="px")
+    return daemon, url
+
+
+def test_curl_and_requests_reach_the_app_behind_iap_through_the_proxy(proxied, emulator):
+    daemon, url = proxied
+    out = subprocess.run(["curl", "-sS", "-H", "Authorization: Bearer the-apps-own", f"{url}/api/v1/projects?x=1"],
+                         capture_output=True, text=True, timeout=30)
+    echo = json.loads(out.stdout)
+    assert echo["user"] == f"accounts.google.com:{DEMO_CI}" and echo["path"] == "/api/v1/projects?x=1"
+    # The token went in Proxy-Authorization (IAP strips it): the app's own Authorization is kept.
+    assert echo["headers"]["Authorization"] == "Bearer the-apps-own" and "Proxy-Authorization" not in echo["headers"]
+
+    def chunks():  # a streamed upload, chunked: never held whole by the proxy
+        for _ in range(64):
+            yield b"x" * 65536
+
+    up = requests.post(f"{url}/_upload", data=chunks(), timeout=30)
+    assert up.status_code == 200 and up.json() == {"received": 64 * 65536, "user": f"accounts.google.com:{DEMO_CI}",
+                                                    "chunked": True}
+    status = daemon.profile_status("demo-sa")["proxy"]
+    assert status["state"] == "listening" and status["upstream"] == emulator.url("iap_url") and status["served"] >= 2
+
+
+def test_a_websocket_goes_through_the_proxy_and_iap(proxied):
+    _, url = proxied
+
+    async def talk() -> list[str]:
+        async with aiohttp.ClientSession() as session:
+            async with session.ws_connect(f"{url}/_ws") as ws:
+                said = [(await ws.receive()).data]
+                await ws.send_str("ping over iap")
+                said.append((await ws.receive()).data)
+                return said
+
+    assert asyncio.run(talk()) == [f"hello accounts.google.com:{DEMO_CI}", "ping over iap"]
+
+
+@pytest.mark.skipif(shutil.which("setpriv") is None, reason="setpriv (util-linux) is not installed")
+def test_another_uid_is_refused(proxied):
+    _, url = proxied
+    out = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "curl", "-sS", "-o",
+                          "/dev/null", "-w", "%{http_code}", f"{url}/"], capture_output=True, text=True, timeout=30)
+    assert out.returncode != 0 and out.stdout in ("", "000"), (out.returncode, out.stdout, out.stderr)
+    assert requests.get(f"{url}/", timeout=10).status_code == 200  # and we are still let in
+
+
+def test_a_foreign_host_and_a_browser_origin_are_refused(daemon_factory, emulator, tmp_path):
+    config, url = with_proxy(emulator, tmp_path, extra='allow_origins = ["http://localhost:3000"]')
+    daemon_factory(config=config, name="origin")
+    rebinding = requests.get(f"{url}/", headers={"Host": "evil.example:80"}, timeout=10)
+    assert rebinding.status_code == 421 and "not this proxy's own" in rebinding.text
+    page = requests.get(f"{url}/", headers={"Origin": "https://evil.example"}, timeout=10)
+    assert page.status_code == 403 and "allow_origins" in page.text
+    assert requests.get(f"{url}/", headers={"Origin": "http://localhost:3000"}, timeout=10).status_code == 200
+    assert requests.get(url.replace("127.0.0.1", "localhost") + "/", timeout=10).status_code == 200
+
+
+def test_hop_by_hop_headers_and_the_callers_proxy_authorization_are_not_forwarded(daemon_factory, emulator, tmp_path):
+    config, url = with_proxy(emulator, tmp_path, upstream=emulator.url("backend_url"))
+    daemon_factory(config=config, name="hop")
+    resp = requests.get(f"{url}/x", headers={"Proxy-Authorization": "Basic bWFsbG9yeQ==", "Connection": "X-Secret",
+                                             "X-Secret": "1", "Keep-Alive": "timeout=5", "TE": "trailers"}, timeout=10)
+    headers = resp.json()["headers"]
+    assert headers["Proxy-Authorization"].startswith("Bearer ey"), "the caller's own was forwarded"
+    assert not {"X-Secret", "Keep-Alive", "TE"} & set(headers), sorted(headers)
+
+
+def test_no_token_is_a_503_naming_the_login_and_no_upstream_a_502(daemon_factory, emulator, tmp_path):
+    config, url = with_proxy(emulator, tmp_path, profile="demo-user")
+    daemon_factory(config=config, name="nologin")
+    resp = requests.get(f"{url}/", timeout=10)
+    assert resp.status_code == 503 and "run `iapctl login demo-user`" in resp.text
+    assert resp.text.count("\n") == 1  # one line
+    config, url = with_proxy(emulator, tmp_path, upstream=f"http://127.0.0.1:{free_port()}")
+    daemon_factory(config=config, name="down")
+    resp = requests.get(f"{url}/", timeout=10)
+    assert resp.status_code == 502 and "cannot reach" in resp.text
+
+
+def test_a_token_the_app_refuses_early_is_renewed_once_and_the_request_retried(proxied, emulator):
+    daemon, url = proxied
+    assert requests.get(f"{url}/", timeout=10).status_code == 200
+    calls = emulator.counters()["token"]
+    # IAP's clock moves past the token's end while the daemon's still says it is good: the app
+    # refuses it (as for a token revoked early). The token is 20 s old on the daemon's clock.
+    emulator.settings(clock_offset=3700)
+    daemon.set_clock(0, 20)
+    assert requests.get(f"{url}/", timeout=10).status_code == 200  # a new token, one retry
+    assert emulator.counters()["token"] == calls + 1
+    # A request with a body is not replayed: the 401 is passed through (after a new token is due).
+    emulator.settings(clock_offset=7400)
+    daemon.set_clock(0, 40)
+    refused = requests.post(f"{url}/", data=b"once", timeout=10)
+    assert refused.status_code == 401 and "expired" in refused.text
+    assert emulator.counters()["token"] == calls + 1
+
+
+def test_a_proxy_starts_and_stops_with_its_profile_on_reload(daemon_factory, emulator, tmp_path):
+    daemon = daemon_factory(name="reload")
+    port = free_port()
+    with open(daemon.config, "a") as fh:
+        fh.write(f'\n[profiles.demo-sa.proxy]\nlisten = "127.0.0.1:{port}"\nupstream = "{emulator.url("iap_url")}"\n')
+    token_before = daemon.token("demo-sa")
+    assert daemon.request("POST", "/v1/reload").json()["reloaded"]
+    assert requests.get(f"http://127.0.0.1:{port}/", timeout=10).status_code == 200
+    assert daemon.token("demo-sa") == token_before  # adding a proxy kept the profile's token
+    text = daemon.config.read_text()
+    daemon.config.write_text(text[:text.index("\n[profiles.demo-sa.proxy]")] + "\n")
+    assert daemon.request("POST", "/v1/reload").json()["reloaded"]
+    with pytest.raises(requests.ConnectionError):
+        requests.get(f"http://127.0.0.1:{port}/", timeout=10)
+    assert daemon.profile_status("demo-sa")["proxy"] is None
+
+
+def test_a_unix_socket_proxy_is_private(daemon_factory, emulator, tmp_path):
+    folder = tmp_path / "private"
+    folder.mkdir(mode=0o700)
+    path = folder / "app.sock"
+    config, _ = with_proxy(emulator, tmp_path, listen=str(path))
+    daemon_factory(config=config, name="unix")
+    wait_for(lambda: path.exists(), what="the proxy's socket")
+    assert oct(path.stat().st_mode & 0o777) == "0o600"
+    out = subprocess.run(["curl", "-sS", "--unix-socket", str(path), "http://localhost/whoami"], capture_output=True,
+                         text=True, timeout=30)
+    assert json.loads(out.stdout)["user"] == f"accounts.google.com:{DEMO_CI}"
+
+
+def peak_rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as fh:
+        return next(int(line.split()[1]) for line in fh if line.startswith("VmHWM:"))
+
+
+def test_a_5_gb_download_streams_through_in_flat_memory(daemon_factory, emulator, tmp_path):
+    """A generated body (no file), straight from the app (no IAP in between: the proxy is what is
+    measured): the daemon's peak RSS grows by a few MiB, not by gigabytes."""
+    config, url = with_proxy(emulator, tmp_path, upstream=emulator.url("backend_url"))
+    daemon = daemon_factory(config=config, name="big")
+    assert requests.get(f"{url}/_bytes/1048576", timeout=10).status_code == 200  # warm: buffers, TLS-free path
+    before = peak_rss_kib(daemon.proc.pid)
+    size = 5 * 1024 ** 3
+    out = subprocess.run(["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code} %{size_download}",
+                          f"{url}/_bytes/{size}"], capture_output=True, text=True, timeout=600)
+    assert out.stdout == f"200 {size}", (out.stdout, out.stderr)
+    grown = peak_rss_kib(daemon.proc.pid) - before
+    print(f"5 GB through the proxy: peak RSS +{grown} KiB")
+    assert grown < 32 * 1024, f"peak RSS grew by {grown} KiB for a 5 GB download"
