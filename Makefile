@@ -39,6 +39,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/daemon_resources.py
 	$(BIN)/python bench/renewal_soak.py
 	$(BIN)/python bench/signed_jwt.py
+	$(BIN)/python bench/proxy.py
 
 clean:
 	rm -rf $(VENV) build client/build *.egg-info daemon/*.egg-info client/*.egg-info

@@ -188,3 +188,23 @@ def test_a_5_gb_download_streams_through_in_flat_memory(daemon_factory, emulator
     grown = peak_rss_kib(daemon.proc.pid) - before
     print(f"5 GB through the proxy: peak RSS +{grown} KiB")
     assert grown < 32 * 1024, f"peak RSS grew by {grown} KiB for a 5 GB download"
+
+
+def test_status_and_doctor_show_the_proxy_and_a_port_in_use(daemon_factory, emulator, tmp_path):
+    from test_client import iapctl
+    from test_oidc import env_of
+
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen(1)
+    try:
+        config, _ = with_proxy(emulator, tmp_path, listen=f"127.0.0.1:{busy.getsockname()[1]}")
+        daemon = daemon_factory(config=config, name="busy")
+        env = env_of(daemon, tmp_path)
+        out = iapctl("status", env=env).stdout
+        assert f"proxy demo-sa: 127.0.0.1:{busy.getsockname()[1]} → {emulator.url('iap_url')} (error: cannot listen" in out
+        doctor = iapctl("doctor", env=env)
+        assert doctor.returncode == 1 and "PROBLEM  proxy demo-sa: cannot listen on" in doctor.stdout
+        assert daemon.token("demo-sa")  # the rest of the daemon serves
+    finally:
+        busy.close()

@@ -302,6 +302,11 @@ def cmd_status(args: argparse.Namespace) -> int:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         say("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+    for p in status["profiles"]:
+        proxy = p.get("proxy")
+        if proxy:
+            state = proxy["state"] if not proxy.get("error") else f"{proxy['state']}: {proxy['error']}"
+            say(f"proxy {p['name']}: {proxy['listen']} → {proxy['upstream']} ({state}, {proxy['served']} served)")
     return OK
 
 

@@ -162,6 +162,12 @@ def _profiles(report: Report, status: dict | None) -> None:
     if status is None:
         return
     for profile in status["profiles"]:
+        proxy = profile.get("proxy")
+        if proxy and proxy.get("error"):
+            report.problem(f"proxy {profile['name']}", proxy["error"], "fix [profiles." + profile["name"] +
+                           ".proxy] (another port, or a unix socket path), then `iapctl reload`")
+        elif proxy:
+            report.ok(f"proxy {profile['name']}", f"{proxy['listen']} → {proxy['upstream']}")
         name, state = profile["name"], profile["state"]
         if state in ("ready", "idle"):
             who = profile.get("identity") or "(not yet fetched)"
