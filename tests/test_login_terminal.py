@@ -171,7 +171,9 @@ def test_a_killed_login_is_abandoned_by_the_daemon(env, daemon, tmp_path):
     proc = subprocess.Popen([IAPCTL, "login", "demo-user"], env={**env, "BROWSER": f"{lazy} %s"},
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
     proc.stderr.readline()  # it has opened the "browser" and is waiting on the daemon
-    time.sleep(0.5)  # its long-poll is in flight
+    # Its long-poll is in flight (on a loaded machine that can take more than a moment).
+    wait_for(lambda: daemon.request("GET", "/v1/login/demo-user").json().get("waiters") == 1, timeout=15,
+             what="iapctl's long-poll")
     proc.kill()
     proc.wait()
     # Watched without waiting on it (a long-poll would be a waiter, and so its new owner).
