@@ -208,3 +208,12 @@ def test_status_and_doctor_show_the_proxy_and_a_port_in_use(daemon_factory, emul
         assert daemon.token("demo-sa")  # the rest of the daemon serves
     finally:
         busy.close()
+
+
+def test_the_network_proxy_is_taken_from_the_environment_once(monkeypatch):
+    from iapd.proxy import network_proxy_for
+
+    monkeypatch.setenv("HTTPS_PROXY", "http://corp-proxy:3128")
+    monkeypatch.setenv("NO_PROXY", "internal.example.com")
+    assert network_proxy_for("https://app.example.com") == "http://corp-proxy:3128"
+    assert network_proxy_for("https://internal.example.com") is None

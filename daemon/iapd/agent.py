@@ -252,9 +252,11 @@ class Agent:
     def _make_proxy(self, name: str, settings: ProxySettings) -> LocalProxy:
         if self._proxy_session is None:
             # Its own session: no total timeout (a download may take an hour), bytes as they come
-            # (no decompression), the network settings of every other call.
+            # (no decompression). Not trust_env: aiohttp then reads the environment and ~/.netrc
+            # on every request (measured: 2.5× the proxy's cost at 64 clients); the network
+            # proxy is looked up once per listener instead (LocalProxy.network_proxy).
             self._proxy_session = aiohttp.ClientSession(
-                auto_decompress=False, trust_env=True, cookie_jar=aiohttp.DummyCookieJar(),
+                auto_decompress=False, trust_env=False, cookie_jar=aiohttp.DummyCookieJar(),
                 timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.config.daemon.http_timeout_seconds,
                                               sock_read=PROXY_IDLE_SECONDS))
         header = "Authorization" if settings.header == "authorization" else "Proxy-Authorization"

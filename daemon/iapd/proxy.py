@@ -57,6 +57,18 @@ def _forwardable(headers, drop: set[str]) -> dict[str, str]:
     return out
 
 
+def network_proxy_for(url: str) -> str | None:
+    """The corporate proxy for `url` from HTTPS_PROXY / HTTP_PROXY / NO_PROXY (the daemon's
+    environment, `[daemon] environment` applied), as aiohttp's trust_env would find it."""
+    from urllib.parse import urlsplit
+    from urllib.request import getproxies, proxy_bypass
+
+    parts = urlsplit(url)
+    if parts.hostname is None or proxy_bypass(parts.hostname):
+        return None
+    return getproxies().get(parts.scheme)
+
+
 def _plain(status: int, line: str) -> web.Response:
     return web.Response(status=status, text=f"iapd proxy: {line}\n", headers={"Cache-Control": "no-store"})
 
@@ -75,6 +87,7 @@ class LocalProxy:
         self.mono = clock_mono
         self.header_timeout = header_timeout
         self.upstream = settings.upstream.rstrip("/")
+        self.network_proxy = network_proxy_for(self.upstream)
         self.state = "starting"
         self.error: str | None = None
         self.served = 0
@@ -180,7 +193,8 @@ class LocalProxy:
             try:
                 upstream = await self.session.request(
                     request.method, url, headers=self._headers(request, token), allow_redirects=False,
-                    data=request.content if has_body else None, skip_auto_headers=("User-Agent", "Accept-Encoding"))
+                    data=request.content if has_body else None, skip_auto_headers=("User-Agent", "Accept-Encoding"),
+                    proxy=self.network_proxy)
             except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
                 return _plain(502, f"cannot reach {self.upstream}: {type(exc).__name__}: {str(exc)[:150]}")
             if upstream.status == 401 and attempt == 1 and not has_body \
@@ -224,7 +238,8 @@ class LocalProxy:
         headers[self.header] = f"Bearer {token.value}"
         protocols = [p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",") if p.strip()]
         try:
-            upstream = await self.session.ws_connect(url, headers=headers, protocols=protocols, autoping=False)
+            upstream = await self.session.ws_connect(url, headers=headers, protocols=protocols, autoping=False,
+                                                     proxy=self.network_proxy)
         except aiohttp.WSServerHandshakeError as exc:
             return _plain(exc.status if exc.status >= 400 else 502, f"the upstream refused the WebSocket: {exc.status}")
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
