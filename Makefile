@@ -26,7 +26,21 @@ $(OP_STAMP): tests/oidc_provider/package-lock.json
 		cd tests/oidc_provider && npm ci --no-audit --no-fund --loglevel=error; \
 	else echo "npm not found: the tests against an independent OpenID Provider will be skipped"; fi
 
-test: $(STAMP) $(OP_STAMP)
+# A real Secret Service for the keyring store's tests (gnome-keyring on a private D-Bus session):
+# installed from Debian's packages when missing and root may; else those tests are skipped.
+KEYRING_STAMP := $(VENV)/.keyring
+
+$(KEYRING_STAMP):
+	@if command -v gnome-keyring-daemon >/dev/null 2>&1 && command -v dbus-daemon >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends gnome-keyring dbus-daemon >/dev/null \
+		|| { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
+		     --no-install-recommends gnome-keyring dbus-daemon >/dev/null; } \
+		|| echo "could not install gnome-keyring: the keyring store's Secret Service tests will be skipped"; \
+	else echo "gnome-keyring-daemon not found (apt-get install gnome-keyring dbus-daemon): the keyring store's Secret Service tests will be skipped"; fi
+	@touch $(KEYRING_STAMP)
+
+test: $(STAMP) $(OP_STAMP) $(KEYRING_STAMP)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 demo: $(STAMP)

@@ -141,7 +141,9 @@ def _lock(fd: int, deadline: float) -> None:
 # GOOGLE_APPLICATION_CREDENTIALS) must not become every later refresh's: network settings
 # and credential files come from the config's `[daemon] environment`, for autostart and units alike.
 PASSED_TO_DAEMON = ("HOME", "USER", "LOGNAME", "PATH", "LANG", "LANGUAGE", "TZ", "TMPDIR", "XDG_CONFIG_HOME",
-                    "XDG_STATE_HOME", "XDG_RUNTIME_DIR", "XDG_CACHE_HOME", "XDG_DATA_HOME", "IAPD_CONFIG")
+                    "XDG_STATE_HOME", "XDG_RUNTIME_DIR", "XDG_CACHE_HOME", "XDG_DATA_HOME", "IAPD_CONFIG",
+                    # the session bus, where the Secret Service is (`store = "keyring"`)
+                    "DBUS_SESSION_BUS_ADDRESS")
 
 
 def _daemon_env(socket_path: str, notify_path: str) -> dict[str, str]:

@@ -283,7 +283,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     d = status["daemon"]
     managed = f", run by {d['service']}" if d.get("service") else ""
     say(f"iapd {d['version']} (pid {d['pid']}, up {_duration(d['uptime'])}{managed}) on {d['socket']}")
-    say(f"config {d['config']}; store {d['store']}")
+    where = " (secrets in the OS keyring)" if d.get("store_kind") == "keyring" else ""
+    say(f"config {d['config']}; store {d['store']}{where}")
+    if d.get("store_error"):
+        say(f"note: the credential store cannot be used: {d['store_error']}")
     if d.get("config_error"):
         say(f"note: the config was changed but cannot be used, the previous one serves: {d['config_error']}")
     for path in d.get("unreadable_stores") or []:

@@ -161,6 +161,11 @@ FIXES = {
 def _profiles(report: Report, status: dict | None) -> None:
     if status is None:
         return
+    daemon = status.get("daemon") or {}
+    if daemon.get("store_error"):
+        report.problem("store", daemon["store_error"], "do as it says")
+    elif daemon.get("store_kind") == "keyring":
+        report.ok("store", "logins in the OS keyring")
     for profile in status["profiles"]:
         proxy = profile.get("proxy")
         if proxy and proxy.get("error"):

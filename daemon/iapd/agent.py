@@ -114,6 +114,11 @@ class Agent:
                 return {"reloaded": False, "error": self.config_error}
             self.config_stamp, self.config_error = stamp, None
             self._apply(new)
+            if new.daemon.store != self.store.kind or self.store.error:
+                # A switch moves the logins across; a keyring that was locked is tried again.
+                await self.store.use(new.daemon.store)
+                for key in self.store.keys():
+                    self.cache.forget_login_state(key)
             await self.sync_proxies()
             await self._check_credential_files()
             log.info("reloaded the config (%s): %d profiles", why, len(new.profiles))
@@ -367,6 +372,7 @@ class Agent:
                 "version": __version__, "pid": os.getpid(), "uptime": round(self.clock.mono() - self.started_mono),
                 "socket": self.socket_path, "config": self.config_path, "store": str(self.store.path),
                 "unreadable_stores": [str(p) for p in self.store.unreadable],
+                "store_kind": self.store.kind, "store_error": self.store.error,
                 "config_error": self.config_error, "service": self.service,
             },
             "profiles": [self._profile_status(name) for name in sorted(self.profiles)],

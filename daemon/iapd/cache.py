@@ -323,6 +323,14 @@ class TokenCache:
                 entry.token, entry.last_error, entry.failures, entry.retry_at = None, None, 0, 0.0
         self._wake.set()
 
+    def forget_login_state(self, credential_key: str) -> None:
+        """The store changed under this login (another store, a keyring unlocked): a "login
+        required" it caused is looked at again; tokens that are good stay."""
+        for entry in self.entries.values():
+            if entry.source.key == credential_key and entry.login_required:
+                entry.last_error, entry.failures, entry.retry_at = None, 0, 0.0
+        self._wake.set()
+
     def forget(self, credential_key: str) -> None:
         """After a login or a logout: drop tokens and errors, so the next request starts fresh.
         Entries waiting on a `via` profile's login try again too: this may have been it."""

@@ -260,6 +260,9 @@ class DaemonSettings(_Strict):
 
     socket: str | None = None
     state_dir: str | None = None
+    # Where refresh tokens and client secrets are kept: a 0600 file in state_dir, or the OS
+    # keyring (Secret Service on Linux, the login Keychain on macOS; iapd.keyring).
+    store: Literal["file", "keyring"] = "file"
     # The daemon's network settings, the same whoever starts it (autostart passes it only what
     # it needs by name; a service manager's environment is its own): applied at start.
     environment: Annotated[dict[str, str], AfterValidator(_environment)] = {}

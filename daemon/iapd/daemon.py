@@ -84,7 +84,8 @@ async def serve(config_path: str, config: Config, socket_path: str | None, test_
         sock = bind_socket(path, own_dir=path == default)
         inode = os.lstat(path).st_ino
     try:
-        store = await CredentialStore.open(default_state_dir(config), owner=f"pid {os.getpid()}, socket {path}")
+        store = await CredentialStore.open(default_state_dir(config), owner=f"pid {os.getpid()}, socket {path}",
+                                           kind=config.daemon.store)
     except (UnsafePath, OSError, StoreInUse) as exc:
         if inode is not None:
             remove_socket_if_ours(path, inode)

@@ -257,8 +257,9 @@ class LoginManager:
             return exc
         except OSError as exc:
             # The store could not be written (a full disk, say): end the login now, saying so.
-            error = IapdError(f"the login worked but could not be saved in {flow.credential.store.path.parent}: "
-                              f"{exc.strerror or type(exc).__name__}")
+            where = "the keyring" if flow.credential.store.kind == "keyring" else flow.credential.store.path.parent
+            error = IapdError(f"the login worked but could not be saved in {where}: "
+                              f"{exc.strerror or str(exc) or type(exc).__name__}")
             log.error("%s: %s", flow.credential.key, error.message)
             self._settle(flow, error)
             return error

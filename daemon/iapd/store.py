@@ -3,6 +3,11 @@
 One JSON file, `$XDG_STATE_HOME/iapd/credentials.json`, 0600 in a 0700 directory, rewritten
 atomically (see fsutil). Reads and writes run in a worker thread — the event loop never waits
 on the disk — and writes are serialised, so the file always holds the latest complete state.
+
+With `store = "keyring"` the secret fields of each record (SECRET_FIELDS) live in the OS keyring
+instead (iapd.keyring), one item per login, written only when they change; the file keeps the
+rest. The keyring is written first, then the file: a kill between the two leaves the new secret
+in the keyring, which wins when the two are merged at the next start.
 """
 
 from __future__ import annotations
@@ -20,15 +25,29 @@ from typing import Any
 
 from iapctl.paths import ensure_private_dir
 from iapd.fsutil import atomic_write
+from iapd.keyring import KeyringUnavailable, vault_for
 
 log = logging.getLogger("iapd.store")
 VERSION = 1
+SECRET_FIELDS = ("refresh_token", "client_secret")
+
+
+def _secrets_of(record: dict[str, Any] | None) -> dict[str, Any]:
+    return {k: record[k] for k in SECRET_FIELDS if record and record.get(k) is not None}
+
+
+def _without_secrets(records: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {key: {k: v for k, v in r.items() if k not in SECRET_FIELDS} for key, r in records.items()}
 
 
 class CredentialStore:
-    def __init__(self, path: Path, records: dict[str, dict[str, Any]]) -> None:
+    def __init__(self, path: Path, records: dict[str, dict[str, Any]], kind: str = "file") -> None:
         self.path = path
         self._records = records
+        self.kind = kind  # where the secrets are: "file" or "keyring"
+        self.vault = None  # the keyring, when kind is "keyring"
+        # Why the keyring cannot be used (missing, locked, refused): in status; writes fail with it.
+        self.error: str | None = None
         self._lock = asyncio.Lock()
         # Stores moved aside as unreadable (this start or an earlier one): their refresh tokens
         # may still work, so status names them and logout --all revokes and removes them.
@@ -36,17 +55,75 @@ class CredentialStore:
         self._lock_fd: int | None = None  # held (flock) while this daemon owns the store
 
     @classmethod
-    async def open(cls, state_dir: Path, owner: str | None = None) -> "CredentialStore":
+    async def open(cls, state_dir: Path, owner: str | None = None, kind: str = "file") -> "CredentialStore":
         """The store in `state_dir`. With `owner` (a daemon: its pid and socket), also take the
         store's lock for this process's life: two daemons on one store would each refresh the
-        same refresh token, and an issuer that rotates them revokes the grant."""
+        same refresh token, and an issuer that rotates them revokes the grant. `kind`: where the
+        secrets are to be (logins found in the other place are moved, see `use`)."""
         await asyncio.to_thread(ensure_private_dir, state_dir)
         path = state_dir / "credentials.json"
         lock_fd = await asyncio.to_thread(_take_lock, state_dir / "iapd.lock", owner) if owner else None
-        store = cls(path, await asyncio.to_thread(cls._read, path))
+        records, was = await asyncio.to_thread(cls._read, path)
+        store = cls(path, records, was)
         store._lock_fd = lock_fd
         store.unreadable = await asyncio.to_thread(lambda: sorted(path.parent.glob(f"{path.name}.unreadable-*")))
+        await store.use(kind)
         return store
+
+    async def use(self, kind: str) -> None:
+        """Keep the secrets in `kind` from now on, moving what the other place holds: file →
+        keyring puts each login's secrets in the keyring and then rewrites the file without them;
+        keyring → file writes them into the file and then removes the keyring's items. Nothing is
+        left behind, and nothing is lost if the keyring cannot be reached (then `error` says why,
+        and the file is not touched)."""
+        async with self._lock:
+            if kind == "keyring":
+                await self._to_keyring()
+            elif self.kind == "keyring":
+                await self._to_file()
+            else:
+                self.error = None
+
+    async def _to_keyring(self) -> None:
+        vault = self.vault or vault_for(str(self.path.parent))
+        try:
+            held = await asyncio.to_thread(vault.items, list(self._records))
+            records = copy.deepcopy(self._records)
+            for key, secrets in held.items():
+                records.setdefault(key, {}).update(secrets)
+            for key, record in records.items():  # secrets the file still holds (a switch from "file")
+                if _secrets_of(record) and _secrets_of(record) != held.get(key):
+                    await asyncio.to_thread(vault.put, key, _secrets_of(record))
+            self.vault, self.kind = vault, "keyring"
+            await self._persist(records)
+        except KeyringUnavailable as exc:
+            self.vault, self.kind, self.error = vault, "keyring", str(exc)
+            log.error("credential store: %s", exc)
+            return
+        if self.error:
+            log.info("credential store: the keyring is usable again")
+        self.error = None
+
+    async def _to_file(self) -> None:
+        vault = self.vault or vault_for(str(self.path.parent))
+        try:
+            held = await asyncio.to_thread(vault.items, list(self._records))
+        except KeyringUnavailable as exc:
+            self.error = f"the logins are in the keyring, which cannot be read to move them to the file: {exc}"
+            log.error("credential store: %s", self.error)
+            return
+        records = copy.deepcopy(self._records)
+        for key, secrets in held.items():
+            records.setdefault(key, {}).update(secrets)
+        self.kind, self.vault = "file", None
+        await self._persist(records)  # the file has them: only now do they leave the keyring
+        for key in held:
+            try:
+                await asyncio.to_thread(vault.delete, key)
+            except KeyringUnavailable as exc:
+                log.error("credential store: moved the logins to the file, but could not remove %s from the "
+                          "keyring: %s", key, exc)
+        self.error = None
 
     @staticmethod
     def _remove_leftovers(path: Path) -> None:
@@ -55,20 +132,21 @@ class CredentialStore:
             leftover.unlink(missing_ok=True)
 
     @classmethod
-    def _read(cls, path: Path) -> dict[str, dict[str, Any]]:
+    def _read(cls, path: Path) -> tuple[dict[str, dict[str, Any]], str]:
         cls._remove_leftovers(path)
         try:
             raw = path.read_bytes()
         except FileNotFoundError:
-            return {}
+            return {}, "file"
         try:
             data = json.loads(raw)
             records = data["credentials"]
-            if data.get("version") != VERSION or not isinstance(records, dict):
+            if data.get("version") != VERSION or not isinstance(records, dict) \
+                    or data.get("store", "file") not in ("file", "keyring"):
                 raise ValueError("unknown layout")
             for record in records.values():
                 _check_record(record)
-            return records
+            return records, data.get("store", "file")
         except (ValueError, KeyError, TypeError) as exc:
             # Atomic writes make this unlikely (a disk error, a hand edit). Keep the file for a
             # person to look at rather than overwrite it, and start empty: a login fixes it.
@@ -76,7 +154,7 @@ class CredentialStore:
             path.rename(aside)
             log.error("credential store %s is unreadable (%s); moved it to %s, a new login is needed",
                       path, type(exc).__name__, aside)
-            return {}
+            return {}, "file"
 
     @staticmethod
     def refresh_tokens_in(path: Path) -> list[tuple[str, str, str | None]]:
@@ -96,7 +174,11 @@ class CredentialStore:
 
     def get(self, key: str) -> dict[str, Any] | None:
         record = self._records.get(key)
-        return dict(record) if record is not None else None
+        if record is None:
+            return None
+        if self.error and not record.get("refresh_token"):
+            return {**record, "login_reason": self.error}  # the keyring's state is the reason
+        return dict(record)
 
     def keys(self) -> list[str]:
         return list(self._records)
@@ -129,7 +211,23 @@ class CredentialStore:
     async def _write_locked(self, change) -> None:
         records = copy.deepcopy(self._records)
         change(records)
-        data = json.dumps({"version": VERSION, "credentials": records}, indent=1, sort_keys=True).encode()
+        if self.kind == "keyring":
+            if self.error:
+                raise KeyringUnavailable(self.error)
+            # Only what changed goes to the keyring: a refresh that rotates nothing writes nothing.
+            for key in set(records) | set(self._records):
+                before, after = _secrets_of(self._records.get(key)), _secrets_of(records.get(key))
+                if before == after:
+                    continue
+                await asyncio.to_thread(self.vault.put, key, after) if after else \
+                    await asyncio.to_thread(self.vault.delete, key)
+        await self._persist(records)
+
+    async def _persist(self, records: dict[str, dict[str, Any]]) -> None:
+        """The file: every field, or with the keyring every field but the secrets."""
+        kept = _without_secrets(records) if self.kind == "keyring" else records
+        data = json.dumps({"version": VERSION, "store": self.kind, "credentials": kept}, indent=1,
+                          sort_keys=True).encode()
         await asyncio.to_thread(atomic_write, self.path, data)
         # Only now is the change real: a failed write leaves memory and disk in agreement.
         self._records = records

@@ -7,6 +7,7 @@ audience in allowlist mode, where `aud` is the desktop client id itself).
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any
 from urllib.parse import urlencode
 
@@ -17,6 +18,8 @@ from iapd.jwt import MalformedToken, unverified_claims
 from iapd.logins import Login
 from iapd.secret_manager import read_secret
 from iapd.sources.base import IdToken, SourceContext
+
+log = logging.getLogger("iapd.user")
 
 
 class UserCredential:
@@ -55,7 +58,10 @@ class UserCredential:
             secret = self._secret = await read_secret(name, self.config.secret_manager_credentials,
                                                       self.ctx.endpoints, self.ctx.http_timeout)
             if record:  # keep it with the refresh token; before a login, the login saves it
-                await self.store.update(self.key, client_secret=secret, client_secret_name=name)
+                try:
+                    await self.store.update(self.key, client_secret=secret, client_secret_name=name)
+                except OSError as exc:  # a full disk, a locked keyring: kept in memory, read again later
+                    log.warning("%s: could not keep the client secret in the store (%s)", self.key, str(exc)[:200])
             return secret
 
     # -- logging in (through iapd.login) ---------------------------------------------------------
