@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import re
 import time
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from iapd.config import ADCSource, ImpersonateSource, KeyFileSource, MetadataSource
@@ -169,24 +170,16 @@ class IamIdTokenCredential:
 
     async def fetch(self, audience: str | None) -> IdToken:
         audience = _need_audience(audience, self.profile)
-        base = self.ctx.endpoints.iam_credentials_url.rstrip("/")
-        url = f"{base}/v1/projects/-/serviceAccounts/{self.target}:generateIdToken"
         body = {"audience": audience, "includeEmail": True,
                 "delegates": [f"projects/-/serviceAccounts/{d}" for d in self.delegates]}
-        headers = {"Authorization": f"Bearer {await self.caller.token()}"}
-        try:
-            answer = await fetch(self.ctx.session, "POST", url, json=body, headers=headers,
-                                 what=f"impersonating {self.target}")
-        except UpstreamError as exc:
-            if exc.http_status in (401, 403):
-                raise UpstreamError(
-                    f"permission denied on impersonation: {self.caller.name} may not mint ID tokens for {self.target} "
-                    "(it needs roles/iam.serviceAccountOpenIdTokenCreator on it, and on each delegate)") from None
-            raise
-        token = json_object(answer, f"impersonating {self.target}").get("token")
+        answer = await iam_credentials(
+            self.ctx, self.caller, self.target, "generateIdToken", body, f"impersonating {self.target}",
+            f"permission denied on impersonation: {self.caller.name} may not mint ID tokens for {self.target} "
+            "(it needs roles/iam.serviceAccountOpenIdTokenCreator on it, and on each delegate)")
+        token = answer.get("token")
         if not isinstance(token, str):
             raise UpstreamError("IAM Credentials returned no token")
-        return IdToken.received(token, self.ctx.clock, answer.server_date)
+        return IdToken.received(token, self.ctx.clock, answer["_server_date"])
 
 
 class ADCCredential:
@@ -221,28 +214,66 @@ class ADCCredential:
         return await self._inner.fetch(audience)
 
     async def _resolve(self):
-        path = self.config.credentials_file or adc_file()
-        if path is None:
+        adc = await resolve_adc(self.config, self.ctx, "for ID tokens", "cannot mint ID tokens for IAP")
+        if adc.kind == "metadata":
             return MetadataCredential(self.profile, self.ctx)  # on GCP, ADC is the metadata server
-        info = await self.ctx.google_auth.run(read_credentials_file, path)
-        kind = info.get("type")
-        if kind == "service_account":
-            return KeyFileCredential(self.profile, path, self.ctx)
-        if kind in ("external_account", "impersonated_service_account"):
-            target = _target_of(info.get("service_account_impersonation_url", ""))
-            if target is None:
-                raise ConfigProblem(f"{path}: an {kind} file must name a service account to impersonate "
-                                    "(service_account_impersonation_url) for ID tokens")
-            source_info, delegates = _impersonation_source(info)
-            endpoints, where = self.ctx.endpoints, f"in {path}"
-            caller = AccessTokenSource(f"the source credentials of {path}",
-                                       lambda: credentials_from_info(source_info, endpoints, [CLOUD_PLATFORM], where),
-                                       self.ctx)
-            return IamIdTokenCredential(self.profile, target, delegates, caller, self.ctx)
-        if kind == "authorized_user":
-            raise ConfigProblem(f"{path} holds a user's gcloud login, which cannot mint ID tokens for IAP: use a "
-                                "[user] profile, or kind = \"impersonate\" with a target service account")
-        raise ConfigProblem(f"{path}: unsupported credentials type {kind!r}")
+        if adc.kind == "key_file":
+            return KeyFileCredential(self.profile, adc.path, self.ctx)
+        return IamIdTokenCredential(self.profile, adc.target, adc.delegates, adc.caller, self.ctx)
+
+
+@dataclass(frozen=True)
+class ResolvedADC:
+    """What application-default credentials turned out to be: the metadata server, a key file,
+    or an impersonation of `target` by `caller` (external_account, impersonated_service_account)."""
+
+    kind: str  # metadata | key_file | impersonate
+    path: str | None = None
+    target: str | None = None
+    delegates: list[str] = field(default_factory=list)
+    caller: AccessTokenSource | None = None
+
+
+async def resolve_adc(config: ADCSource, ctx: SourceContext, purpose: str, user_login: str) -> ResolvedADC:
+    """The one reading of an ADC file, for ID tokens and signed JWTs alike (`purpose` and
+    `user_login`, what a user's gcloud login cannot do, say which in errors)."""
+    path = config.credentials_file or adc_file()
+    if path is None:
+        return ResolvedADC("metadata")
+    info = await ctx.google_auth.run(read_credentials_file, path)
+    kind = info.get("type")
+    if kind == "service_account":
+        return ResolvedADC("key_file", path)
+    if kind in ("external_account", "impersonated_service_account"):
+        target = _target_of(info.get("service_account_impersonation_url", ""))
+        if target is None:
+            raise ConfigProblem(f"{path}: an {kind} file must name a service account to impersonate "
+                                f"(service_account_impersonation_url) {purpose}")
+        source_info, delegates = _impersonation_source(info)
+        endpoints, where = ctx.endpoints, f"in {path}"
+        caller = AccessTokenSource(f"the source credentials of {path}",
+                                   lambda: credentials_from_info(source_info, endpoints, [CLOUD_PLATFORM], where), ctx)
+        return ResolvedADC("impersonate", path, target, delegates, caller)
+    if kind == "authorized_user":
+        raise ConfigProblem(f"{path} holds a user's gcloud login, which {user_login}: use a "
+                            "[user] profile, or kind = \"impersonate\" with a target service account")
+    raise ConfigProblem(f"{path}: unsupported credentials type {kind!r}")
+
+
+async def iam_credentials(ctx: SourceContext, caller: AccessTokenSource, target: str, method: str, body: dict,
+                          what: str, denied: str) -> dict:
+    """One IAM Credentials call (`generateIdToken`, `signJwt`) for `target`, authorised by the
+    caller's access token; a 401/403 is the one line `denied`."""
+    base = ctx.endpoints.iam_credentials_url.rstrip("/")
+    url = f"{base}/v1/projects/-/serviceAccounts/{target}:{method}"
+    headers = {"Authorization": f"Bearer {await caller.token()}"}
+    try:
+        answer = await fetch(ctx.session, "POST", url, json=body, headers=headers, what=what)
+    except UpstreamError as exc:
+        if exc.http_status in (401, 403):
+            raise UpstreamError(denied) from None
+        raise
+    return {**json_object(answer, what), "_server_date": answer.server_date}
 
 
 def _impersonation_source(info: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:

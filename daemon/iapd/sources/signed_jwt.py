@@ -26,10 +26,10 @@ from typing import Any, Protocol
 
 from iapd.config import ADCSource, ImpersonateSource, KeyFileSource, MetadataSource
 from iapd.errors import ConfigProblem, UpstreamError
-from iapd.google_creds import CLOUD_PLATFORM, adc_file, credentials_from_info, file_stamp, read_credentials_file
+from iapd.google_creds import adc_file, file_stamp, read_credentials_file
 from iapd.google_http import fetch, json_object
 from iapd.sources.base import IdToken, SourceContext
-from iapd.sources.service_account import AccessTokenSource, _impersonation_source, _target_of
+from iapd.sources.service_account import AccessTokenSource, iam_credentials, resolve_adc
 
 # IAP refuses a JWT whose `exp` is more than an hour after its `iat`.
 JWT_LIFETIME = 3600
@@ -100,21 +100,13 @@ class IamSigner:
     async def sign(self, claims: dict[str, Any]) -> str:
         if self.target is None:
             self.target = await self._find_target()
-        base = self.ctx.endpoints.iam_credentials_url.rstrip("/")
-        url = f"{base}/v1/projects/-/serviceAccounts/{self.target}:signJwt"
         body = {"payload": json.dumps({**claims, "iss": self.target, "sub": self.target}),
                 "delegates": [f"projects/-/serviceAccounts/{d}" for d in self.delegates]}
-        headers = {"Authorization": f"Bearer {await self.caller.token()}"}
-        try:
-            answer = await fetch(self.ctx.session, "POST", url, json=body, headers=headers,
-                                 what=f"signing a JWT as {self.target}")
-        except UpstreamError as exc:
-            if exc.http_status in (401, 403):
-                raise UpstreamError(
-                    f"permission denied on signJwt: the caller may not sign JWTs as {self.target} (it needs "
-                    "iam.serviceAccounts.signJwt on it: roles/iam.serviceAccountTokenCreator)") from None
-            raise
-        signed = json_object(answer, f"signing a JWT as {self.target}").get("signedJwt")
+        answer = await iam_credentials(
+            self.ctx, self.caller, self.target, "signJwt", body, f"signing a JWT as {self.target}",
+            f"permission denied on signJwt: the caller may not sign JWTs as {self.target} (it needs "
+            "iam.serviceAccounts.signJwt on it: roles/iam.serviceAccountTokenCreator)")
+        signed = answer.get("signedJwt")
         if not isinstance(signed, str):
             raise UpstreamError("IAM Credentials returned no signedJwt")
         return signed
@@ -183,28 +175,12 @@ class SignedJwtSource:
         return IdToken.received(signed, self.ctx.clock)
 
     async def _resolve_adc(self, config: ADCSource) -> Signer:
-        path = config.credentials_file or adc_file()
-        if path is None:
+        adc = await resolve_adc(config, self.ctx, "to sign a JWT as", "is no service account to sign a JWT as")
+        if adc.kind == "metadata":
             return _metadata_signer(self.ctx)
-        info = await self.ctx.google_auth.run(read_credentials_file, path)
-        kind = info.get("type")
-        if kind == "service_account":
-            return KeySigner(path, self.ctx)
-        if kind in ("external_account", "impersonated_service_account"):
-            target = _target_of(info.get("service_account_impersonation_url", ""))
-            if target is None:
-                raise ConfigProblem(f"{path}: an {kind} file must name a service account to impersonate "
-                                    "(service_account_impersonation_url) to sign a JWT")
-            source_info, delegates = _impersonation_source(info)
-            endpoints, where = self.ctx.endpoints, f"in {path}"
-            caller = AccessTokenSource(f"the source credentials of {path}",
-                                       lambda: credentials_from_info(source_info, endpoints, [CLOUD_PLATFORM], where),
-                                       self.ctx)
-            return IamSigner(target, delegates, caller, self.ctx, key=f"adc:{path}")
-        if kind == "authorized_user":
-            raise ConfigProblem(f"{path} holds a user's gcloud login, which is no service account to sign as: use "
-                                "kind = \"impersonate\" with a target service account")
-        raise ConfigProblem(f"{path}: unsupported credentials type {kind!r}")
+        if adc.kind == "key_file":
+            return KeySigner(adc.path, self.ctx)  # a key signs here: no call
+        return IamSigner(adc.target, adc.delegates, adc.caller, self.ctx, key=f"adc:{adc.path}")
 
 
 def _metadata_signer(ctx: SourceContext) -> IamSigner:
