@@ -251,3 +251,20 @@ def test_the_macos_keychain_path_runs_security_with_no_secret_in_argv(daemon_fac
     assert daemon.token("demo-user")
     assert iapctl("logout", "demo-user", env=env_of(daemon, tmp_path)).returncode == 0
     assert json.loads(db.read_text()) == {}
+
+
+@needs_keyring
+def test_a_switch_to_a_locked_keyring_is_refused_in_status_and_a_switch_back_needs_nothing(
+        daemon_factory, emulator, secret_service, tmp_path):
+    daemon = keyring_daemon(daemon_factory, emulator, secret_service, store="file")
+    assert daemon.login()["state"] == "done"
+    secret_service.lock()
+    daemon.config.write_text(daemon.config.read_text().replace('store = "file"', 'store = "keyring"'))
+    assert daemon.request("POST", "/v1/reload").json()["reloaded"]
+    assert "is locked" in daemon.status()["daemon"]["store_error"]
+    assert secrets_on_disk(daemon.state_dir, "1//") != []  # nothing was moved, nothing lost
+    daemon.config.write_text(daemon.config.read_text().replace('store = "keyring"', 'store = "file"'))
+    assert daemon.request("POST", "/v1/reload").json()["reloaded"]
+    assert daemon.status()["daemon"]["store_error"] is None
+    daemon.set_clock(3600, 3600)
+    assert daemon.token("demo-user")  # the login in the file, refreshed

@@ -46,6 +46,9 @@ class CredentialStore:
         self._records = records
         self.kind = kind  # where the secrets are: "file" or "keyring"
         self.vault = None  # the keyring, when kind is "keyring"
+        # Whether the secrets are in the keyring now (kind says where they are *to* be: a switch
+        # to a locked keyring leaves them in the file, and a switch back then has nothing to move).
+        self._in_keyring = kind == "keyring"
         # Why the keyring cannot be used (missing, locked, refused): in status; writes fail with it.
         self.error: str | None = None
         self._lock = asyncio.Lock()
@@ -96,6 +99,7 @@ class CredentialStore:
                     await asyncio.to_thread(vault.put, key, _secrets_of(record))
             self.vault, self.kind = vault, "keyring"
             await self._persist(records)
+            self._in_keyring = True
         except KeyringUnavailable as exc:
             self.vault, self.kind, self.error = vault, "keyring", str(exc)
             log.error("credential store: %s", exc)
@@ -105,6 +109,9 @@ class CredentialStore:
         self.error = None
 
     async def _to_file(self) -> None:
+        if not self._in_keyring:  # a switch to the keyring never happened: the file has them all
+            self.kind, self.vault, self.error = "file", None, None
+            return
         vault = self.vault or vault_for(str(self.path.parent))
         try:
             held = await asyncio.to_thread(vault.items, list(self._records))
@@ -117,6 +124,7 @@ class CredentialStore:
             records.setdefault(key, {}).update(secrets)
         self.kind, self.vault = "file", None
         await self._persist(records)  # the file has them: only now do they leave the keyring
+        self._in_keyring = False
         for key in held:
             try:
                 await asyncio.to_thread(vault.delete, key)
