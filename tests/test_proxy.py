@@ -222,3 +222,14 @@ def test_the_network_proxy_is_taken_from_the_environment_once(monkeypatch):
     monkeypatch.setenv("NO_PROXY", "internal.example.com")
     assert network_proxy_for("https://app.example.com") == "http://corp-proxy:3128"
     assert network_proxy_for("https://internal.example.com") is None
+
+
+def test_a_client_that_leaves_mid_download_costs_nothing(daemon_factory, emulator, tmp_path):
+    config, url = with_proxy(emulator, tmp_path, upstream=emulator.url("backend_url"))
+    daemon = daemon_factory(config=config, name="leave")
+    with requests.get(f"{url}/_bytes/{1024 ** 3}", stream=True, timeout=10) as resp:
+        assert resp.status_code == 200
+        next(resp.iter_content(65536))
+    # The daemon goes on serving, and said nothing worse than a line about it.
+    assert requests.get(f"{url}/x", timeout=10).status_code == 200
+    assert "Traceback" not in daemon.logs()

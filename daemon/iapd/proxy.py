@@ -225,9 +225,16 @@ class LocalProxy:
         await response.prepare(request)
         # Chunk by chunk: a 5 GB download costs CHUNK of memory, and the client's pace sets the
         # upstream's (write() waits for the client to drain).
-        async for chunk in upstream.content.iter_chunked(CHUNK):
-            await response.write(chunk)
-        await response.write_eof()
+        try:
+            async for chunk in upstream.content.iter_chunked(CHUNK):
+                await response.write(chunk)
+            await response.write_eof()
+        except (ConnectionResetError, aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            # The status has been sent: all that can be said now is to end the connection, so the
+            # client sees a short body rather than a complete-looking one.
+            log.info("proxy of profile %s: a streamed answer ended early (%s)", self.profile, type(exc).__name__)
+            if request.transport is not None:
+                request.transport.close()
         return response
 
     async def _websocket(self, request: web.Request, token: IdToken) -> web.StreamResponse:
