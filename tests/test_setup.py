@@ -155,10 +155,13 @@ def test_doctor_url_names_a_signed_jwt_whose_aud_does_not_cover_the_url(daemon, 
 def test_doctor_url_picks_the_profile_whose_audience_iap_names(daemon_factory, emulator, tmp_path):
     both = daemon_factory(name="both")
     out = doctor(both, tmp_path, emulator.url("iap_url") + "/")
-    assert out.returncode == 2 and "profiles with audience" in out.stderr and "demo-sa, demo-user" in out.stderr
+    assert out.returncode == 2 and "profiles for this app: demo-jwt, demo-sa, demo-user" in out.stderr  # (jwt: its aud)
     text = emulator.config_path.read_text().replace(f'[profiles.demo-sa]\naudience = "{IAP}"', "[profiles.demo-sa]")
     config = tmp_path / "one.toml"
-    config.write_text(text.replace('[profiles.demo-sa]\n[profiles.demo-sa.service_account]', "[profiles.demo-sa.service_account]"))
+    from iapctl.setup import without_profile
+
+    config.write_text(without_profile(text.replace('[profiles.demo-sa]\n[profiles.demo-sa.service_account]',
+                                                   "[profiles.demo-sa.service_account]"), "demo-jwt"))
     one = daemon_factory(config=config, name="one")
     out = doctor(one, tmp_path, emulator.url("iap_url") + "/")
     assert out.returncode == 0 and "profile demo-user" in out.stdout, out.stdout

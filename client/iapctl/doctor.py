@@ -218,7 +218,7 @@ def run_doctor() -> int:
 
 # -- `iapctl doctor URL`: would IAP there let this profile's token in? ----------------------------
 
-def _choose_profile(status: dict, guard, name: str | None) -> dict:
+def _choose_profile(status: dict, guard, url: str, name: str | None) -> dict:
     from iapctl.cli import USAGE
 
     profiles = status.get("profiles") or []
@@ -228,13 +228,17 @@ def _choose_profile(status: dict, guard, name: str | None) -> dict:
             raise Failure(f"no profile named {name!r} (profiles: {', '.join(p['name'] for p in profiles) or 'none'})",
                           USAGE)
         return found[0]
-    matching = [p for p in profiles if guard.client_id and p.get("audience") == guard.client_id]
+    from iapctl.probe import jwt_covers, without_query
+
+    # The profiles meant for this app: IAP's client as their audience, or a signed JWT's aud covering it.
+    matching = [p for p in profiles if (guard.client_id and p.get("audience") == guard.client_id)
+                or (p.get("mode") == "signed_jwt" and jwt_covers(p.get("audience") or "", without_query(url)))]
     if len(matching) == 1:
         return matching[0]
     if len(profiles) == 1:
         return profiles[0]
     if matching:
-        hint = f" (profiles with audience {guard.client_id}: {', '.join(p['name'] for p in matching)})"
+        hint = f" (profiles for this app: {', '.join(p['name'] for p in matching)})"
     elif guard.client_id:
         hint = f" (none has audience {guard.client_id}: `iapctl setup URL --profile NAME` writes one)"
     else:
@@ -266,7 +270,7 @@ def run_doctor_url(url: str, name: str | None) -> int:
         report.problem("app", guard.seen, "is this the app's URL, and is IAP on for it?")
 
     resp = call("GET", "/v1/status")
-    profile = _choose_profile(resp.json() if resp.status == 200 else {}, guard, name)
+    profile = _choose_profile(resp.json() if resp.status == 200 else {}, guard, url, name)
     pname = profile["name"]
     resp = call("GET", f"/v1/token/{pname}?format=json")
     if resp.status != 200:
