@@ -125,10 +125,11 @@ def test_transient_failures_keep_serving_the_valid_token(daemon_factory, emulato
     emulator.fault("429", count=1)
     emulator.fault("drop", count=1)
     daemon.set_clock(3600 - 2.4)  # 2.4 s left by the wall clock: renewal is due now
-    # While the IdP fails, every request still gets the valid token, at once.
-    for _ in range(5):
+    # While the IdP fails — after each fault has been hit, not before the first — every request
+    # still gets the valid token, at once.
+    for fault in ("fault:token:500", "fault:token:429", "fault:token:drop"):
+        wait_for(lambda: emulator.counters().get(fault), what=f"{fault} to be hit")
         assert daemon.token("demo-user") == first
-    wait_for(lambda: emulator.counters().get("fault:token:drop"), what="all faults to be hit")
     status = wait_for(lambda: (s := daemon.profile_status("demo-user"))["refresh_count"] == 2 and s, what="recovery")
     assert status["state"] == "ready" and status["last_error"] is None and status["expires_in"] > 3000
     assert iap_admits(emulator, daemon.token("demo-user"))

@@ -307,7 +307,8 @@ def test_after_a_suspend_renewals_run_a_few_at_a_time(daemon_factory, emulator, 
     daemon.set_clock(3600)  # back from a suspend: every token is due at once
     wait_for(lambda: sum(v for k, v in emulator.counters().items() if k.startswith("sa_id_token:")) == 16,
              what="all 16 renewals")
-    assert emulator.counters()["max_in_flight:token"] <= 4
+    # A few at a time: more than one (a serial cache would take 16 × 0.3 s), never more than 4.
+    assert 2 <= emulator.counters()["max_in_flight:token"] <= 4
 
 
 def test_a_new_login_revokes_the_refresh_token_it_replaces(daemon, emulator):
