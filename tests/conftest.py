@@ -168,6 +168,12 @@ class DaemonProcess:
     def status(self) -> dict:
         return self.request("GET", "/v1/status").json()
 
+    def supervisor_passes(self, count: int = 3) -> None:
+        """Let the renewal supervisor look at every entry `count` more times: what a test of
+        "nothing was renewed" waits for, instead of sleeping and hoping the daemon kept up."""
+        start = self.status()["daemon"]["supervisor_passes"]
+        wait_for(lambda: self.status()["daemon"]["supervisor_passes"] >= start + count, what="supervisor passes")
+
     def profile_status(self, name: str) -> dict:
         return next(p for p in self.status()["profiles"] if p["name"] == name)
 

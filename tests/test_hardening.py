@@ -71,7 +71,7 @@ def test_invalid_rapt_stops_all_refreshing_until_login(daemon_factory, emulator)
     daemon.set_clock(7200)
     for _ in range(10):
         assert daemon.request("GET", "/v1/token/demo-user").status == 401
-    time.sleep(1.5)  # three ticks: the supervisor must not retry a dead grant either
+    daemon.supervisor_passes(3)  # three looks at every entry: the supervisor must not retry a dead grant either
     assert emulator.counters()["token"] == 1
 
 
@@ -383,7 +383,7 @@ def test_an_idle_audience_stops_being_renewed_ahead_of_time(daemon_factory, emul
     time.sleep(1.6)  # nobody asks for 1 s: the audience is idle (the clock itself is under test here)
     assert daemon.profile_status("demo-user")["next_renewal_in"] is None
     daemon.set_clock(3600 - 600)  # renewal would be due now ...
-    time.sleep(1.5)  # ... three ticks pass ...
+    daemon.supervisor_passes(3)  # ... the supervisor looks three times ...
     assert emulator.counters().get("token", 0) == 0  # ... and the IdP sees nothing
     daemon.token("demo-user")  # on demand it is served at once, and renewal resumes behind it
     wait_for(lambda: emulator.counters().get("token", 0) == 1, what="the renewal to resume")

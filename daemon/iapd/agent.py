@@ -373,6 +373,7 @@ class Agent:
                 "socket": self.socket_path, "config": self.config_path, "store": str(self.store.path),
                 "unreadable_stores": [str(p) for p in self.store.unreadable],
                 "store_kind": self.store.kind, "store_error": self.store.error,
+                "supervisor_passes": self.cache.passes,
                 "config_error": self.config_error, "service": self.service,
             },
             "profiles": [self._profile_status(name) for name in sorted(self.profiles)],

@@ -87,6 +87,9 @@ class TokenCache:
         self._wake = asyncio.Event()
         self._supervisor: asyncio.Task | None = None
         self._slots = asyncio.Semaphore(settings.max_concurrent_refreshes)
+        # How many times the supervisor has looked at every entry: what proves that it *would*
+        # have started a renewal (status shows it; tests wait on it rather than sleep).
+        self.passes = 0
         self.on_tick: Callable[[], None] | None = None  # the agent's config check, each wake-up
 
     # -- the request path -------------------------------------------------------------------
@@ -258,6 +261,7 @@ class TokenCache:
     async def run(self) -> None:
         """The supervisor: start every renewal that is due; sleep until the next one (≤ tick)."""
         while True:
+            self.passes += 1
             sleep = self.settings.tick_seconds
             for entry in list(self.entries.values()):
                 if entry.task is not None:
