@@ -142,9 +142,12 @@ def test_kill_9_of_the_daemon_mid_operation(daemon_factory, emulator, moment):
     store = daemon.state_dir / "credentials.json"
     for round_ in range(5):
         if moment == "login":
-            started = daemon.request("POST", "/v1/login/demo-user").json()
+            started = daemon.request("POST", "/v1/login/demo-user").json()  # (the secret is read by now)
+            # The code exchange is held at the emulator until the kill lands inside it.
+            emulator.fault("delay", endpoint="token", delay=1.0)
             browser = subprocess.Popen(["curl", "-sSL", "-o", "/dev/null", started["auth_url"]])
-            time.sleep(random.uniform(0, 0.3))
+            route = "token"
+            wait_for(lambda: emulator.counters().get("in_flight:token") == 1, what="the code exchange at the emulator")
         else:
             if round_ == 0 or daemon.request("GET", "/v1/token/demo-user").status == 401:
                 daemon.login()
@@ -164,8 +167,8 @@ def test_kill_9_of_the_daemon_mid_operation(daemon_factory, emulator, moment):
         daemon.proc.wait()
         if moment == "login":
             browser.wait(timeout=30)
-        else:  # the emulator finishes what it was holding, as Google would with the daemon gone
-            wait_for(lambda: emulator.counters().get(f"in_flight:{route}") == 0, what="the held request to end")
+        # The emulator finishes what it was holding, as Google would with the daemon gone.
+        wait_for(lambda: emulator.counters().get(f"in_flight:{route}") == 0, what="the held request to end")
         if store.exists():  # the store is complete JSON holding a whole record, or none
             records = json.loads(store.read_text())["credentials"]
             assert set(records) <= {user_login_key(DESKTOP, emulator.url("token_url"))}
@@ -178,8 +181,9 @@ def test_kill_9_of_the_daemon_mid_operation(daemon_factory, emulator, moment):
             assert iap_admits(emulator, resp.body.decode()), moment
         elif moment == "refresh":
             raise AssertionError("a kill mid-refresh lost the login")  # Google does not rotate: nothing to lose
-        if moment == "logout":
-            # The revoke reached Google before the kill: the login is dead, and said to be.
+        if moment in ("logout", "login"):
+            # logout: the revoke reached Google before the kill: the login is dead, and said to be.
+            # login: the kill landed before the exchange's answer was stored: no login, and said.
             assert resp.status == 401 and resp.json()["error"] == "login_required", resp.body
 
 
