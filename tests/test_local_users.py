@@ -429,3 +429,21 @@ def test_error_text_from_the_callback_has_its_control_characters_escaped(daemon)
     outcome = daemon.request("GET", "/v1/login/demo-user").json()
     assert outcome["state"] == "failed" and "\x1b" not in outcome["message"] and "\x07" not in outcome["message"]
     assert "\\x1b]0;owned\\x07" in outcome["message"]
+
+
+@pytest.mark.parametrize("domain, refused", [("corp.example", True), ("example.com", False)])
+def test_a_login_pinned_to_a_workspace_domain_refuses_an_account_of_another(daemon_factory, emulator, tmp_path,
+                                                                           domain, refused):
+    config = tmp_path / "hd.toml"
+    config.write_text(emulator.config_path.read_text().replace(
+        "[profiles.demo-user.user]\n", f'[profiles.demo-user.user]\nhosted_domain = "{domain}"\n'))
+    daemon = daemon_factory(config=config, name="hd")
+    started = daemon.request("POST", "/v1/login/demo-user").json()
+    assert f"hd={domain}" in started["auth_url"]  # Google's account chooser is told, too
+    browse(started["browser_url"])
+    outcome = daemon.request("GET", "/v1/login/demo-user?wait=20").json()
+    if refused:  # demo@example.com's `hd` is example.com
+        assert outcome["state"] == "failed" and f"which is not in {domain}" in outcome["message"], outcome
+        assert emulator.counters()["revoked"] == 1
+    else:
+        assert outcome["state"] == "done", outcome
