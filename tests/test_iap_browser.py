@@ -113,3 +113,37 @@ def test_the_written_config_has_runnable_oidc_profiles(daemon, emulator, tmp_pat
     out = iapctl("login", profile, env={**env, "BROWSER": COOKIE_BROWSER})
     assert out.returncode == 0, out.stderr
     assert iapctl("token", profile, env=env).returncode == 0
+
+
+def test_via_carries_the_device_grant_and_the_revocation_through_iap(daemon, emulator, tmp_path):
+    """Every request to an issuer behind IAP goes with the `via` profile's token: the device
+    authorization, its polls and the revocation at logout too (without it IAP answers them with
+    its sign-in page)."""
+    import re
+    import subprocess
+
+    import requests
+
+    from test_client import IAPCTL
+    from test_oidc import read_until
+
+    env = env_of(daemon, tmp_path)
+    assert iapctl("login", "demo-user", env={**env, "BROWSER": CURL_BROWSER}).returncode == 0
+    emulator._post("oidc", {"device_interval": 1})
+    admitted = emulator.counters().get("iap_admitted", 0)
+    proc = subprocess.Popen([IAPCTL, "login", "demo-flyte", "--device"], env=env, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        said = read_until(proc.stderr, "enter the code")
+        page = re.search(r"(http://\S+/device\?user_code=\S+)", said).group(1)
+        assert page.startswith(emulator.url("flyte_url"))  # the issuer as its clients see it: behind IAP
+        # The person approves on their phone (signed in to IAP there): here, straight at the issuer.
+        direct = page.replace(emulator.url("flyte_url"), emulator.url("secret_manager_url"))
+        assert requests.get(direct, timeout=10).status_code == 200
+        out, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0 and "Logged in as alice@example.com" in out, err
+    assert emulator.counters()["iap_admitted"] >= admitted + 3  # discovery, device code, polls: all through IAP
+    out = iapctl("logout", "demo-flyte", env=env)
+    assert out.returncode == 0 and "revoked at the issuer" in out.stdout, (out.stdout, out.stderr)
