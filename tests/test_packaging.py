@@ -54,7 +54,8 @@ def test_the_client_wheel_alone_has_no_dependencies_and_works(wheels, tmp_path):
     assert "Requires-Dist" not in metadata  # standard library only
     assert any(n.endswith("licenses/LICENSE") for n in names) and not any(n.startswith("iapd/") for n in names)
     bin_ = fresh_venv(tmp_path / "project", wheel)
-    assert (bin_ / "iapctl").read_text().startswith(f"#!{bin_}/python")  # our launcher, with its interpreter
+    assert (bin_ / "iapctl").read_text().startswith("#!/bin/sh\n")  # our launcher (see its comments) …
+    assert (bin_ / "iapctl-py").read_text().startswith(f"#!{bin_}/python")  # … and its normal start
     assert run(bin_ / "iapctl", "--version").stdout.startswith("iapctl ")
     env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "IAPD_SOCKET": str(tmp_path / "none" / "iapd.sock"),
            "IAPD_AUTOSTART": "0"}
@@ -82,3 +83,36 @@ def test_the_agent_wheel_brings_the_client_without_owning_its_files(wheels, tmp_
     units = run(bin_ / "python", "-c",
                 "import importlib.resources as r; print(sorted(p.name for p in r.files('iapctl.units').iterdir()))")
     assert "iapd.socket" in units.stdout and "dev.iapd.agent.plist" in units.stdout, units.stderr
+
+
+def test_the_launcher_starts_without_site_where_it_can_and_normally_anywhere_else(wheels, tmp_path):
+    """In a venv (pip's layout, and pipx's through its symlink) Python runs without `site`: a
+    sitecustomize planted in site-packages is not imported. A launcher copied where no venv is
+    falls back to iapctl-py, a normal start (sitecustomize runs) — and works the same."""
+    (wheel, _), _ = wheels
+    bin_ = fresh_venv(tmp_path / "venv", wheel)
+    [site_packages] = (tmp_path / "venv" / "lib").glob("python*/site-packages")
+    marker = tmp_path / "site-ran"
+    (site_packages / "sitecustomize.py").write_text(f"open({str(marker)!r}, 'a').write('x')\n")
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "IAPD_SOCKET": str(tmp_path / "none" / "iapd.sock"),
+           "IAPD_AUTOSTART": "0", "PYTHONPATH": "/nonexistent-hijack"}
+
+    def token(launcher) -> subprocess.CompletedProcess:
+        out = run(launcher, "token", "x", env=env)
+        assert out.returncode == 3 and "iapd is not running" in out.stderr, out.stderr  # the client ran
+        return out
+
+    token(bin_ / "iapctl")
+    assert not marker.exists(), "site ran: the fast start was not taken"
+    links = tmp_path / "local-bin"
+    links.mkdir()
+    (links / "iapctl").symlink_to(bin_ / "iapctl")  # what pipx makes in ~/.local/bin
+    token(links / "iapctl")
+    assert not marker.exists()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    for name in ("iapctl", "iapctl-py"):
+        (elsewhere / name).write_bytes((bin_ / name).read_bytes())
+        (elsewhere / name).chmod(0o755)
+    token(elsewhere / "iapctl")
+    assert marker.exists(), "outside a venv the launcher starts Python the usual way"

@@ -83,10 +83,8 @@ def call(method: str, target: str, body: bytes | None = None, timeout: float | N
 
 
 def request_timeout() -> float:
-    import os
-
     try:
-        return max(float(os.environ.get("IAPCTL_TIMEOUT") or wire.DEFAULT_TIMEOUT), 0.1)
+        return max(float(paths._env("IAPCTL_TIMEOUT") or wire.DEFAULT_TIMEOUT), 0.1)
     except ValueError:
         return wire.DEFAULT_TIMEOUT
 

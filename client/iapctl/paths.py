@@ -5,33 +5,63 @@ Standard library only (the client imports it on its hot path). Both commands hon
 precedence); everything else follows the XDG base directory spec.
 """
 
-import os
-import stat
+# The functions `iapctl token` calls (down to `unsafe_dir`) use `posix` rather than `os`: when
+# the launcher starts Python without `site` (bin/iapctl), `os` is not imported yet, and importing
+# it (with _collections_abc) would cost a fifth of what the whole token costs. The rest import
+# `os` where they need it; the daemon has it anyway.
+import posix
 
 APP = "iapd"
+_S_IFMT, _S_IFDIR, _S_IFLNK = 0o170000, 0o040000, 0o120000
+
+
+def _env(name: str) -> str:
+    value = posix.environ.get(name.encode())
+    return value.decode("utf-8", "surrogateescape") if value else ""
+
+
+def _join(*parts: str) -> str:
+    """os.path.join for absolute first parts and plain names after them."""
+    return "/".join([parts[0].rstrip("/") or "", *parts[1:]]) or "/"
+
+
+def _home() -> str:
+    home = _env("HOME")
+    if home:
+        return home
+    import pwd  # as os.path.expanduser does without $HOME
+
+    return pwd.getpwuid(posix.getuid()).pw_dir
+
+
+def _is_dir(path: str) -> bool:
+    try:
+        return posix.stat(path).st_mode & _S_IFMT == _S_IFDIR
+    except (OSError, ValueError):
+        return False
 
 
 def _xdg(var: str, fallback: str) -> str:
-    value = os.environ.get(var, "")
+    value = _env(var)
     # The spec says relative paths in XDG variables are invalid and must be ignored.
-    return value if os.path.isabs(value) else os.path.join(os.path.expanduser("~"), fallback)
+    return value if value.startswith("/") else _join(_home(), fallback)
 
 
 def config_path() -> str:
     """``$IAPD_CONFIG``, else ``$XDG_CONFIG_HOME/iapd/config.toml``."""
-    return os.environ.get("IAPD_CONFIG") or os.path.join(_xdg("XDG_CONFIG_HOME", ".config"), APP, "config.toml")
+    return _env("IAPD_CONFIG") or _join(_xdg("XDG_CONFIG_HOME", ".config"), APP, "config.toml")
 
 
 def state_dir() -> str:
     """``$XDG_STATE_HOME/iapd``: the credential store and the autostart lock."""
-    return os.path.join(_xdg("XDG_STATE_HOME", os.path.join(".local", "state")), APP)
+    return _join(_xdg("XDG_STATE_HOME", ".local/state"), APP)
 
 
 def socket_path() -> str:
     """Where iapd listens, the same answer for every command: ``$IAPD_SOCKET``, else the config's
     ``[daemon] socket``, else the default (`default_socket_path`). (`iapd serve --socket` comes
     first for the daemon itself.)"""
-    return os.environ.get("IAPD_SOCKET") or configured_socket() or default_socket_path()
+    return _env("IAPD_SOCKET") or configured_socket() or default_socket_path()
 
 
 def configured_socket() -> str | None:
@@ -50,7 +80,11 @@ def configured_socket() -> str | None:
         value = tomllib.loads(data.decode("utf-8")).get("daemon", {}).get("socket")
     except (ValueError, UnicodeDecodeError, AttributeError):
         return None  # a broken config: the daemon says what is wrong with it
-    return os.path.expanduser(value) if isinstance(value, str) and value else None
+    if not isinstance(value, str) or not value:
+        return None
+    import os
+
+    return os.path.expanduser(value)
 
 
 def default_socket_path() -> str:
@@ -63,13 +97,13 @@ def default_socket_path() -> str:
     every user one), else our state directory, in a folder named after this host (a home
     directory on NFS is shared by machines, and a socket belongs to one kernel).
     """
-    runtime = os.environ.get("XDG_RUNTIME_DIR", "")
-    if os.path.isabs(runtime) and os.path.isdir(runtime):
-        return os.path.join(runtime, APP, "iapd.sock")
-    tmp = os.environ.get("TMPDIR", "")
-    if os.path.isabs(tmp) and os.path.isdir(tmp) and unsafe_dir(tmp) is None:
-        return os.path.join(tmp, f"{APP}-{os.getuid()}", "iapd.sock")
-    return os.path.join(state_dir(), f"run-{os.uname().nodename or 'localhost'}", "iapd.sock")
+    runtime = _env("XDG_RUNTIME_DIR")
+    if runtime.startswith("/") and _is_dir(runtime):
+        return _join(runtime, APP, "iapd.sock")
+    tmp = _env("TMPDIR")
+    if tmp.startswith("/") and _is_dir(tmp) and unsafe_dir(tmp) is None:
+        return _join(tmp, f"{APP}-{posix.getuid()}", "iapd.sock")
+    return _join(state_dir(), f"run-{posix.uname().nodename or 'localhost'}", "iapd.sock")
 
 
 def unsafe_dir(path: str) -> str | None:
@@ -77,13 +111,13 @@ def unsafe_dir(path: str) -> str | None:
     None if only we can: it must be ours and not writable by group or others. One rule for the
     client (before it talks to a socket) and the daemon (for the directories it uses)."""
     try:
-        info = os.stat(path)
+        info = posix.stat(path)
     except FileNotFoundError:
         return None  # nothing there yet: nothing to trust or distrust
     except OSError as exc:
         return f"{path} cannot be inspected ({exc.strerror})"
-    if info.st_uid != os.getuid():
-        return f"{path} belongs to uid {info.st_uid}, not to you (uid {os.getuid()})"
+    if info.st_uid != posix.getuid():
+        return f"{path} belongs to uid {info.st_uid}, not to you (uid {posix.getuid()})"
     if info.st_mode & 0o022:
         return f"{path} is writable by other users (mode {info.st_mode & 0o7777:o}): use a private directory"
     return None
@@ -95,6 +129,9 @@ def unsafe_file(path: str) -> str | None:
     must every directory above it, as OpenSSH requires of its own files — except a sticky one
     of root's (/tmp), where others cannot rename or replace what is ours. A symlinked file is
     judged where it points, and the link where it lies."""
+    import os
+    import stat
+
     me = os.getuid()
     for target in {os.path.abspath(path), os.path.realpath(path)}:
         current = target
@@ -125,6 +162,8 @@ def ensure_private_dir(path: str, tighten: bool = True) -> None:
     """Create `path` 0700 if missing. Refuse a symlink, a directory of another user, or one
     that other users can write to (they could swap our files). With `tighten` (directories that
     are iapd's own), also remove any read/search access for others."""
+    import os
+
     os.makedirs(path, mode=0o700, exist_ok=True)
     info = os.lstat(path)
     if os.path.islink(path):

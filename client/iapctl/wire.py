@@ -12,7 +12,7 @@ is of our own uid (the kernel says, SO_PEERCRED / LOCAL_PEERCRED) — as the dae
 """
 
 import _socket
-import os
+import posix  # not os: see iapctl.paths
 import sys
 import time
 
@@ -81,9 +81,9 @@ def request(socket_path: str, method: str, target: str, body: bytes | None = Non
     try:
         _connect(sock, socket_path)
         uid = peer_uid(sock)
-        if uid != os.getuid():
+        if uid != posix.getuid():
             raise Untrusted(f"refusing the socket {socket_path}: it is served by uid {uid}, not by you "
-                            f"(uid {os.getuid()}); another user may be impersonating iapd")
+                            f"(uid {posix.getuid()}); another user may be impersonating iapd")
         head = f"{method} {target} HTTP/1.1\r\nHost: iapd\r\nConnection: close\r\nUser-Agent: iapctl\r\n"
         if body is not None:
             head += f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
