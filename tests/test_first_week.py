@@ -66,7 +66,7 @@ def test_service_commands_without_a_user_manager_say_so_in_one_line(tmp_path, ac
 
 
 def test_status_clips_a_long_error_at_a_word(daemon, env, emulator):
-    from iapctl.commands import _clipped
+    from iapctl.status_text import clipped as _clipped
 
     text = "the token endpoint returned an answer that nobody could possibly have expected to see here today"
     clipped = _clipped(text, 70)

@@ -190,8 +190,6 @@ def drop_in(command: str, args: list[str]) -> int | None:
     """flyte-iap's subcommand as an ad-hoc profile named by its definition: a GET of its token
     (the daemon's fast path once it is cached), registered with a POST only the first time.
     None: not a plain call (argparse takes it)."""
-    import os
-
     flags = _flags(args, *DROP_IN_FLAGS[command])
     if flags is None:
         return None
@@ -208,10 +206,10 @@ def drop_in(command: str, args: list[str]) -> int | None:
     else:
         # flyte-iap's order: --service_account_key, else $GOOGLE_APPLICATION_CREDENTIALS (which
         # may also be a workload identity federation file), else the metadata server.
-        key = flags.get("service_account_key") or os.environ.get("GOOGLE_APPLICATION_CREDENTIALS")
-        if key and not os.path.isfile(key):
+        key = flags.get("service_account_key") or paths._env("GOOGLE_APPLICATION_CREDENTIALS")
+        if key and not paths.is_file(key):
             return fail(f"credentials file {key} does not exist", BAD_PROFILE)
-        key = os.path.abspath(key) if key else None
+        key = paths.absolute(key) if key else None
         if key and (any(c in key for c in '"\\') or not key.isprintable()):
             return None
         if flags.get("service_account_key"):
@@ -223,6 +221,25 @@ def drop_in(command: str, args: list[str]) -> int | None:
     definition = f'"{audience_key}":"{audience}",{source}'
     name = "adhoc-" + _fnv(definition)
     return run(name, adhoc=f'{{"name":"{name}",{definition}}}'.encode())
+
+
+def status_text() -> int | None:
+    """`iapctl status`, rendered by the daemon (iapctl.status_text): no argparse, no json here.
+    None when the daemon does not answer: the full command says why and what to do."""
+    try:
+        resp = call("GET", "/v1/status?format=text", autostart=False)
+    except Failure:
+        return None
+    if resp.status != 200:
+        return None
+    try:
+        sys.stdout.write(resp.body.decode())
+        sys.stdout.flush()
+    except BrokenPipeError:  # `iapctl status | head -1`: the reader is gone, which is its right
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return OK
 
 
 FORMATS = ("plain", "header", "json", "exec-credential")
@@ -245,6 +262,10 @@ def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if len(args) == 2 and args[0] == "token" and not args[1].startswith("-"):
         return run(args[1])
+    if args == ["status"]:
+        code = status_text()
+        if code is not None:
+            return code
     if args and args[0] in DROP_IN_FLAGS:
         code = drop_in(args[0], args[1:])
         if code is not None:

@@ -17,13 +17,6 @@ from iapctl.cli import (
 from iapctl.shown import shown
 
 
-def _clipped(text: str, width: int) -> str:
-    """At most `width` characters, cut at a word and marked (`status` cut LAST ERROR mid-word)."""
-    if len(text) <= width:
-        return text
-    return text[:width - 1].rsplit(" ", 1)[0].rstrip(" ,;:(") + "…"
-
-
 def say(text: str) -> None:
     """A line for a person that quotes what the daemon, an issuer or a config said."""
     print(shown(text))
@@ -250,17 +243,6 @@ def cmd_logout(args: argparse.Namespace) -> int:
 
 # -- status -------------------------------------------------------------------------------------
 
-def _duration(seconds) -> str:
-    if seconds is None:
-        return "-"
-    seconds = int(seconds)
-    if seconds >= 3600:
-        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-    if seconds >= 60:
-        return f"{seconds // 60}m{seconds % 60:02d}s"
-    return f"{seconds}s"
-
-
 def cmd_status(args: argparse.Namespace) -> int:
     path = paths.socket_path()
     try:
@@ -280,36 +262,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"running": True, "socket": status["daemon"]["socket"], **status}, indent=2))
         return OK
-    d = status["daemon"]
-    managed = f", run by {d['service']}" if d.get("service") else ""
-    say(f"iapd {d['version']} (pid {d['pid']}, up {_duration(d['uptime'])}{managed}) on {d['socket']}")
-    where = " (secrets in the OS keyring)" if d.get("store_kind") == "keyring" else ""
-    say(f"config {d['config']}; store {d['store']}{where}")
-    if d.get("store_error"):
-        say(f"note: the credential store cannot be used: {d['store_error']}")
-    if d.get("config_error"):
-        say(f"note: the config was changed but cannot be used, the previous one serves: {d['config_error']}")
-    for path in d.get("unreadable_stores") or []:
-        say(f"note: {path} was unreadable and moved aside; its logins may still be live: "
-              "`iapctl logout --all` revokes and removes it")
-    rows = [("PROFILE", "IDENTITY", "STATE", "AUDIENCE", "EXPIRES IN", "NEXT RENEWAL", "LAST ERROR")]
-    for p in status["profiles"]:
-        error = p.get("last_error") or {}
-        audience = p.get("audience") or ("(allowlist)" if p.get("mode") == "allowlist" else "-")
-        rows.append((p["name"], p.get("identity") or "-", p["state"], audience,
-                     _duration(p.get("expires_in")), _duration(p.get("next_renewal_in")),
-                     _clipped(error.get("message") or "-", 70)))
-    if len(rows) == 1:
-        say(f"no profiles: add one to {d['config']}")
-        return OK
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    for row in rows:
-        say("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
-    for p in status["profiles"]:
-        proxy = p.get("proxy")
-        if proxy:
-            state = proxy["state"] if not proxy.get("error") else f"{proxy['state']}: {proxy['error']}"
-            say(f"proxy {p['name']}: {proxy['listen']} → {proxy['upstream']} ({state}, {proxy['served']} served)")
+    from iapctl.status_text import render
+
+    sys.stdout.write(render(status))
     return OK
 
 

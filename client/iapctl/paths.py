@@ -41,6 +41,24 @@ def _is_dir(path: str) -> bool:
         return False
 
 
+def is_file(path: str) -> bool:
+    """os.path.isfile, without os."""
+    try:
+        return posix.stat(path).st_mode & _S_IFMT == 0o100000
+    except (OSError, ValueError):
+        return False
+
+
+def absolute(path: str) -> str:
+    """os.path.abspath, without os (and so without importing posixpath's normpath for the
+    common case of an absolute path with no `.` or `..` in it)."""
+    if path.startswith("/") and "/." not in path and "//" not in path:
+        return path
+    import os
+
+    return os.path.abspath(path)
+
+
 def _xdg(var: str, fallback: str) -> str:
     value = _env(var)
     # The spec says relative paths in XDG variables are invalid and must be ignored.

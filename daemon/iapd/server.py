@@ -5,7 +5,7 @@
     GET  /v1/token/{profile}?format=json  {"profile", "token", "expires_in", "expires_at"}
     POST /v1/adhoc/token               a profile given in the body ({"audience", "user"|"service_account"}),
                                        registered in memory; then its token, as above
-    GET  /v1/status                    daemon and per-profile state, JSON (never a token)
+    GET  /v1/status[?format=text]                    daemon and per-profile state, JSON (never a token)
     POST /v1/login/{profile}[?device=1] start (or join) a login → {"auth_url", ...} (device: "user_code")
     GET  /v1/login/{profile}?wait=S    long-poll the login's outcome
     DELETE /v1/login/{profile}         cancel the login in progress (Ctrl-C in the client)
@@ -106,7 +106,12 @@ async def adhoc_token(request: web.Request) -> web.Response:
 
 
 async def status(request: web.Request) -> web.Response:
-    return web.json_response(request.app[AGENT].status())
+    answer = request.app[AGENT].status()
+    if request.query.get("format") == "text":  # what `iapctl status` prints (iapctl.status_text)
+        from iapctl.status_text import render
+
+        return web.Response(text=render(answer), content_type="text/plain")
+    return web.json_response(answer)
 
 
 async def login_start(request: web.Request) -> web.Response:
