@@ -105,6 +105,25 @@ def main() -> int:
             step("A service-account profile (a key file the emulator issued) needs no login")
             run(str(BIN / "iapctl"), "token", "demo-sa", env=env, prints_token=True)
 
+            step("The same key signing its own JWT for the app's URL (jwt_audience): no call to Google at all")
+            run(str(BIN / "iapctl"), "token", "demo-jwt", env=env, prints_token=True)
+
+            step("From an app's URL to a working profile: iapctl setup (IAP's redirect names its OAuth client)")
+            run(str(BIN / "iapctl"), "setup", info["iap_url"] + "/", "--profile", "app", env=env)
+            run(str(BIN / "iapctl"), "doctor", info["iap_url"] + "/", "--profile", "app", env=env)
+
+            step("A local proxy that adds the token, for tools that cannot run a command ([profiles.P.proxy])")
+            with socket.socket() as probe:
+                probe.bind(("127.0.0.1", 0))
+                port = probe.getsockname()[1]
+            with open(config, "a") as fh:
+                fh.write(f'\n[profiles.demo-sa.proxy]\nlisten = "127.0.0.1:{port}"\nupstream = "{info["iap_url"]}"\n')
+            run(str(BIN / "iapctl"), "reload", env=env)
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v1/projects", timeout=10) as resp:
+                echo = json.load(resp)
+            print(f"  $ curl http://127.0.0.1:{port}/api/v1/projects\n  IAP answered {resp.status}; the app saw "
+                  f"user {echo['user']!r}")
+
             step("Status: what the agent holds and when it renews (never a token)")
             run(str(BIN / "iapctl"), "status", env=env)
 
