@@ -174,3 +174,10 @@ def test_a_token_without_an_email_claim_is_named_before_it_is_sent():
     assert [f.what for f in findings] == ["the token has no email claim, which IAP requires"]
     assert before_sending({"iss": "https://accounts.google.com", "aud": IAP, "sub": "1", "email": "a@b.c"},
                           "https://app.example.com/", guard, {"name": "p", "mode": "audience"}) == []
+
+
+def test_setup_dry_run_never_prints_a_client_secret(daemon, emulator, tmp_path):
+    secret = "GOCSPX-do-not-show-me"
+    out = iapctl("setup", emulator.url("iap_url") + "/", "--profile", "app2", "--client-id", DESKTOP,
+                 "--client-secret", secret, "--dry-run", env=setup_env(daemon, tmp_path))
+    assert out.returncode == 0 and secret not in out.stdout + out.stderr and "client_secret = " in out.stdout

@@ -179,7 +179,9 @@ def run_setup(args) -> int:
         raise Failure(str(exc), UPSTREAM) from None
     block, origin = _block(name, guard, data, args)
     if args.dry_run:
-        sys.stdout.write(block)
+        # The TOML as it would be written — but a client secret is not printed (terminals scroll
+        # into logs and screen shares): it is in the file only.
+        sys.stdout.write(re.sub(r'^(client_secret = ).*$', r'\1"…"  # (as given: not shown)', block, flags=re.M))
         return OK
 
     status = call("GET", "/v1/status")
