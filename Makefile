@@ -54,6 +54,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/renewal_soak.py
 	$(BIN)/python bench/signed_jwt.py
 	$(BIN)/python bench/proxy.py
+	$(BIN)/python bench/day_soak.py
 
 clean:
 	rm -rf $(VENV) build client/build *.egg-info daemon/*.egg-info client/*.egg-info
