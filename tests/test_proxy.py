@@ -96,6 +96,10 @@ def test_a_foreign_host_and_a_browser_origin_are_refused(daemon_factory, emulato
     page = requests.get(f"{url}/", headers={"Origin": "https://evil.example"}, timeout=10)
     assert page.status_code == 403 and "allow_origins" in page.text
     assert requests.get(f"{url}/", headers={"Origin": "http://localhost:3000"}, timeout=10).status_code == 200
+    # A page's <img src=…> sends no Origin, but its browser says it came from a page.
+    embedded = requests.get(f"{url}/", headers={"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "no-cors"}, timeout=10)
+    assert embedded.status_code == 403 and "Sec-Fetch-Site" in embedded.text
+    assert requests.get(f"{url}/", headers={"Sec-Fetch-Site": "none"}, timeout=10).status_code == 200  # typed in
     assert requests.get(url.replace("127.0.0.1", "localhost") + "/", timeout=10).status_code == 200
 
 

@@ -167,6 +167,11 @@ class LocalProxy:
         if origin is not None and origin not in self.settings.allow_origins:
             return _plain(403, f"requests from web pages (Origin {origin}) are refused; the profile's "
                                "proxy.allow_origins can allow one")
+        # A page's <img src> or link is a GET with no Origin, but a browser marks what it sends
+        # on a page's behalf (Fetch Metadata): only one typed in its address bar ("none") passes.
+        site = request.headers.get("Sec-Fetch-Site")
+        if origin is None and site is not None and site != "none":
+            return _plain(403, f"requests a web page makes (Sec-Fetch-Site: {site}) are refused")
         try:
             token = await self.token()
         except LoginRequired as exc:
