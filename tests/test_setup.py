@@ -89,6 +89,7 @@ def test_setup_behind_an_oidc_gateway_writes_an_oidc_profile(daemon, emulator, t
     ("@BACKEND@/", 5, "nothing guards it"),
     ("http://example.com/", 2, "plain http to another machine"),
     ("ftp://example.com/", 2, "expected the app's URL"),
+    ("https://example.com/\n[daemon]", 2, "expected the app's URL"),
 ])
 def test_setup_refuses_what_it_cannot_use_and_writes_nothing(daemon, emulator, tmp_path, url, code, said):
     before = daemon.config.read_text()

@@ -162,8 +162,8 @@ def run_setup(args) -> int:
     url, name = args.url, args.profile
     if not valid_profile(name):
         raise Failure(f"invalid profile name {name!r} (letters, digits, . _ - @)", USAGE)
-    if not url.startswith(("https://", "http://")):
-        raise Failure(f"expected the app's URL (https://…), not {url!r}", USAGE)
+    if not url.startswith(("https://", "http://")) or not url.isprintable() or " " in url:
+        raise Failure(f"expected the app's URL (https://…), not {url!r}", USAGE)  # (it goes into a comment, too)
     if not probe.secure_url(url):
         raise Failure(f"{url} is plain http to another machine: a token would travel in the clear; use https", USAGE)
     path = paths.config_path()
