@@ -15,16 +15,12 @@ import urllib.request
 from dataclasses import dataclass, field
 from urllib.parse import parse_qs, urlsplit, urlunsplit
 
+from iapctl.urls import secure_url
+
 GOOGLE_SIGN_IN = "https://accounts.google.com/o/oauth2/v2/auth"
 MAX_HOPS = 5
 BODY_LIMIT = 64 * 1024
 TIMEOUT = 10.0
-
-
-def secure_url(url: str) -> bool:
-    """Where a token may go: https, or http to this machine (a local IAP, the emulator)."""
-    parts = urlsplit(url)
-    return parts.scheme == "https" or (parts.scheme == "http" and parts.hostname in ("127.0.0.1", "localhost", "::1"))
 
 
 def without_query(url: str) -> str:

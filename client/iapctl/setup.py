@@ -19,6 +19,7 @@ import tomllib
 from iapctl import paths, probe
 from iapctl.cli import BAD_PROFILE, LOGIN_REQUIRED, OK, UPSTREAM, USAGE, Failure, call, error_of, valid_profile
 from iapctl.shown import shown
+from iapctl.urls import secure_url
 
 WHERE_ADMINS_FIND_IT = ("the desktop OAuth client an admin created for command-line access (Google Cloud console → "
                         "APIs & Services → Credentials → OAuth 2.0 Client IDs, type Desktop, in the project of the "
@@ -164,7 +165,7 @@ def run_setup(args) -> int:
         raise Failure(f"invalid profile name {name!r} (letters, digits, . _ - @)", USAGE)
     if not url.startswith(("https://", "http://")) or not url.isprintable() or " " in url:
         raise Failure(f"expected the app's URL (https://…), not {url!r}", USAGE)  # (it goes into a comment, too)
-    if not probe.secure_url(url):
+    if not secure_url(url):
         raise Failure(f"{url} is plain http to another machine: a token would travel in the clear; use https", USAGE)
     path = paths.config_path()
     text, data = _config_text(path)

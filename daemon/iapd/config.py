@@ -17,6 +17,8 @@ from typing import Annotated, Literal, Union
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, ValidationError, model_validator
 
+from iapctl.urls import LOOPBACK_HOSTS, secure_url
+
 SECRET_VERSION_RE = re.compile(r"^projects/[^/]+/secrets/[^/]+/versions/[^/]+$")
 EMAIL_RE = re.compile(r"^[^@\s/]+@[^@\s/]+$")
 
@@ -48,12 +50,6 @@ GOOGLE_TOKEN_URL = "https://oauth2.googleapis.com/token"
 GOOGLE_REVOKE_URL = "https://oauth2.googleapis.com/revoke"
 
 
-def secure_url(url: str) -> bool:
-    """https, or http to this machine (a local issuer, the emulator): where credentials may go."""
-    from urllib.parse import urlsplit
-
-    parts = urlsplit(url)
-    return parts.scheme == "https" or (parts.scheme == "http" and parts.hostname in ("127.0.0.1", "localhost", "::1"))
 
 
 class Endpoints(_Strict):
@@ -177,9 +173,6 @@ def _jwt_audience(value: str) -> str:
     if not secure_url(value):
         raise ValueError(f"must be https (http only for 127.0.0.1 or localhost), not {value!r}")
     return value
-
-
-LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 
 def _listen(value: str) -> str:

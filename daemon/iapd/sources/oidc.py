@@ -19,7 +19,8 @@ import math
 from typing import Any, Awaitable, Callable
 from urllib.parse import quote, urlencode, urlsplit, urlunsplit
 
-from iapd.config import OidcSource, secure_url
+from iapctl.urls import secure_url
+from iapd.config import OidcSource
 from iapd.errors import ConfigProblem, LoginRequired, UpstreamError, UpstreamUnavailable, ViaLoginRequired
 from iapd.google_http import Answer, fetch, json_object, revoke
 from iapd.jwt import MalformedToken, unverified_claims
