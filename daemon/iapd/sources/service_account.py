@@ -201,7 +201,7 @@ class ADCCredential:
     async def changed(self) -> bool:
         """Whether the credentials file is another one now (`gcloud auth application-default
         login` again, a swapped file, one created or removed): then it is read again."""
-        stamp = await asyncio.to_thread(lambda: file_stamp(self.config.credentials_file or adc_file()))
+        stamp = await adc_stamp(self.config)
         if stamp == self._stamp:
             return False
         self._inner, self._stamp = None, stamp
@@ -209,7 +209,7 @@ class ADCCredential:
 
     async def fetch(self, audience: str | None) -> IdToken:
         if self._inner is None:
-            self._stamp = await asyncio.to_thread(lambda: file_stamp(self.config.credentials_file or adc_file()))
+            self._stamp = await adc_stamp(self.config)
             self._inner = await self._resolve()
         return await self._inner.fetch(audience)
 
@@ -232,6 +232,12 @@ class ResolvedADC:
     target: str | None = None
     delegates: list[str] = field(default_factory=list)
     caller: AccessTokenSource | None = None
+
+
+async def adc_stamp(config: ADCSource) -> tuple | None:
+    """What changes when the file application-default credentials come from does (read in a
+    thread): a source made from it is made again when this differs."""
+    return await asyncio.to_thread(lambda: file_stamp(config.credentials_file or adc_file()))
 
 
 async def resolve_adc(config: ADCSource, ctx: SourceContext, purpose: str, user_login: str) -> ResolvedADC:

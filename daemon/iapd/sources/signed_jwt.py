@@ -19,17 +19,16 @@ assertions; its lifetime on our clocks is counted from receipt like every other 
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 from typing import Any, Protocol
 
 from iapd.config import ADCSource, ImpersonateSource, KeyFileSource, MetadataSource
 from iapd.errors import ConfigProblem, UpstreamError
-from iapd.google_creds import adc_file, file_stamp, read_credentials_file
+from iapd.google_creds import read_credentials_file
 from iapd.google_http import fetch, json_object
 from iapd.sources.base import IdToken, SourceContext
-from iapd.sources.service_account import AccessTokenSource, iam_credentials, resolve_adc
+from iapd.sources.service_account import AccessTokenSource, adc_stamp, iam_credentials, resolve_adc
 
 # IAP refuses a JWT whose `exp` is more than an hour after its `iat`.
 JWT_LIFETIME = 3600
@@ -157,7 +156,7 @@ class SignedJwtSource:
         """For `adc`: whether the credentials file is another one now (then it is read again)."""
         if self._adc is None:
             return False
-        stamp = await asyncio.to_thread(lambda: file_stamp(self._adc.credentials_file or adc_file()))
+        stamp = await adc_stamp(self._adc)
         if stamp == self._stamp:
             return False
         self._signer, self._stamp = None, stamp
@@ -168,7 +167,7 @@ class SignedJwtSource:
             raise ConfigProblem(f"profile {self.profile!r}: a signed JWT needs `jwt_audience` (the app's URL)")
         if self._signer is None:
             assert self._adc is not None
-            self._stamp = await asyncio.to_thread(lambda: file_stamp(self._adc.credentials_file or adc_file()))
+            self._stamp = await adc_stamp(self._adc)
             self._signer = await self._resolve_adc(self._adc)
         now = int(time.time())
         signed = await self._signer.sign({"aud": audience, "iat": now, "exp": now + JWT_LIFETIME})
