@@ -251,17 +251,15 @@ def run_doctor_url(url: str, name: str | None) -> int:
     from iapctl.cli import UPSTREAM, error_of
 
     report = Report()
-    sign_in = probe.GOOGLE_SIGN_IN
-    config = paths.config_path()
     try:
         import tomllib
 
-        with open(config, "rb") as fh:
-            sign_in = (tomllib.load(fh).get("endpoints") or {}).get("auth_url") or sign_in
+        with open(paths.config_path(), "rb") as fh:
+            config = tomllib.load(fh)
     except (OSError, ValueError):
-        pass
+        config = {}  # what is wrong with it is plain `iapctl doctor`'s business
     try:
-        guard = probe.who_guards(url, sign_in)
+        guard = probe.who_guards(url, probe.sign_in_url(config))
     except (OSError, ValueError) as exc:
         raise Failure(str(exc), UPSTREAM) from None
     if guard.kind in ("google_iap", "oidc"):

@@ -84,6 +84,13 @@ class Guard:
     hops: list[str] = field(default_factory=list)
 
 
+def sign_in_url(config: dict) -> str:
+    """Google's sign-in as the config names it (`[endpoints] auth_url`: the emulator, a private
+    endpoint), else Google's own: where IAP's redirect for people goes."""
+    endpoints = config.get("endpoints")
+    return (endpoints.get("auth_url") if isinstance(endpoints, dict) else None) or GOOGLE_SIGN_IN
+
+
 def who_guards(url: str, sign_in_url: str = GOOGLE_SIGN_IN) -> Guard:
     """Follow the redirects a browser would, without credentials, until one names an OAuth client.
 

@@ -173,9 +173,8 @@ def run_setup(args) -> int:
     if exists and not args.force:
         raise Failure(f"profile {name} already exists in {path}: choose another name, or --force to replace it", USAGE)
 
-    sign_in = ((data.get("endpoints") or {}).get("auth_url")) or probe.GOOGLE_SIGN_IN
     try:
-        guard = probe.who_guards(url, sign_in)
+        guard = probe.who_guards(url, probe.sign_in_url(data))
     except (OSError, ValueError) as exc:
         raise Failure(str(exc), UPSTREAM) from None
     block, origin = _block(name, guard, data, args)
