@@ -44,3 +44,16 @@ def stop(*procs: subprocess.Popen) -> None:
     for proc in procs:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+def rss_mib(pid: int) -> float:
+    """A process's resident memory now, in MiB."""
+    with open(f"/proc/{pid}/status") as fh:
+        return next(int(line.split()[1]) for line in fh if line.startswith("VmRSS:")) / 1024
+
+
+def free_port() -> int:
+    """A loopback TCP port nobody listens on (for a listener a config names)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -25,17 +25,11 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _stack import start_daemon, start_emulator, stop  # noqa: E402
+from _stack import rss_mib, start_daemon, start_emulator, stop  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "client"))
 from iapctl import wire  # noqa: E402
-
-
-def rss_mib(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as fh:
-        line = next(line for line in fh if line.startswith("VmRSS"))
-    return int(line.split()[1]) / 1024
 
 
 def cold_starts(folder: Path, config: Path, count: int) -> list[float]:

@@ -22,16 +22,11 @@ import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _stack import start_daemon, start_emulator, stop  # noqa: E402
+from _stack import rss_mib, start_daemon, start_emulator, stop  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "client"))
 from iapctl import wire  # noqa: E402
-
-
-def rss_mib(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as fh:
-        return next(int(line.split()[1]) for line in fh if line.startswith("VmRSS:")) / 1024
 
 
 def post(info: dict, action: str, body: dict) -> None:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
 import subprocess
 import sys
 import tempfile
@@ -22,7 +21,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _stack import start_daemon, start_emulator, stop  # noqa: E402
+from _stack import free_port, rss_mib, start_daemon, start_emulator, stop  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "client"))
@@ -54,21 +53,10 @@ asyncio.run(main(sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4]))
 '''
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def load(url: str, token: str, concurrency: int, seconds: float) -> dict:
     out = subprocess.run([sys.executable, "-c", LOAD, url, token, str(concurrency), str(seconds)],
                          capture_output=True, text=True, check=True)
     return json.loads(out.stdout)
-
-
-def rss_kib(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as fh:
-        return next(int(line.split()[1]) for line in fh if line.startswith("VmRSS:"))
 
 
 def main() -> int:
@@ -103,7 +91,7 @@ def main() -> int:
         plain, env = start_daemon(folder, config)
         wire.request(env["IAPD_SOCKET"], "GET", "/v1/token/demo-sa")
         time.sleep(0.5)
-        without = rss_kib(plain.pid)
+        without = rss_mib(plain.pid)
         stop(plain)
         ten = folder / "ten.toml"
         ports = [free_port() for _ in range(10)]
@@ -120,11 +108,11 @@ def main() -> int:
         for p in ports:
             urllib.request.urlopen(f"http://127.0.0.1:{p}/x", timeout=10).read()
         time.sleep(0.5)
-        with_ten = rss_kib(many.pid)
+        with_ten = rss_mib(many.pid)
         stop(many, emulator)
-    grown = (with_ten - without) / 1024
+    grown = with_ten - without
     ok = ok and grown <= 5
-    print(f"daemon RSS: {without / 1024:.1f} MiB without proxies, {with_ten / 1024:.1f} MiB with 10 listening "
+    print(f"daemon RSS: {without:.1f} MiB without proxies, {with_ten:.1f} MiB with 10 listening "
           f"(+{grown:.1f} MiB; goal ≤ 5)")
     return 0 if ok else 1
 
