@@ -84,7 +84,7 @@ def call(method: str, target: str, body: bytes | None = None, timeout: float | N
 
 def request_timeout() -> float:
     try:
-        return max(float(paths._env("IAPCTL_TIMEOUT") or wire.DEFAULT_TIMEOUT), 0.1)
+        return max(float(paths.env("IAPCTL_TIMEOUT") or wire.DEFAULT_TIMEOUT), 0.1)
     except ValueError:
         return wire.DEFAULT_TIMEOUT
 
@@ -206,7 +206,7 @@ def drop_in(command: str, args: list[str]) -> int | None:
     else:
         # flyte-iap's order: --service_account_key, else $GOOGLE_APPLICATION_CREDENTIALS (which
         # may also be a workload identity federation file), else the metadata server.
-        key = flags.get("service_account_key") or paths._env("GOOGLE_APPLICATION_CREDENTIALS")
+        key = flags.get("service_account_key") or paths.env("GOOGLE_APPLICATION_CREDENTIALS")
         if key and not paths.is_file(key):
             return fail(f"credentials file {key} does not exist", BAD_PROFILE)
         key = paths.absolute(key) if key else None

@@ -15,7 +15,8 @@ APP = "iapd"
 _S_IFMT, _S_IFDIR, _S_IFLNK = 0o170000, 0o040000, 0o120000
 
 
-def _env(name: str) -> str:
+def env(name: str) -> str:
+    """An environment variable ("" when unset), as os.environ would give it — without os."""
     value = posix.environ.get(name.encode())
     return value.decode("utf-8", "surrogateescape") if value else ""
 
@@ -26,7 +27,7 @@ def _join(*parts: str) -> str:
 
 
 def _home() -> str:
-    home = _env("HOME")
+    home = env("HOME")
     if home:
         return home
     import pwd  # as os.path.expanduser does without $HOME
@@ -60,14 +61,14 @@ def absolute(path: str) -> str:
 
 
 def _xdg(var: str, fallback: str) -> str:
-    value = _env(var)
+    value = env(var)
     # The spec says relative paths in XDG variables are invalid and must be ignored.
     return value if value.startswith("/") else _join(_home(), fallback)
 
 
 def config_path() -> str:
     """``$IAPD_CONFIG``, else ``$XDG_CONFIG_HOME/iapd/config.toml``."""
-    return _env("IAPD_CONFIG") or _join(_xdg("XDG_CONFIG_HOME", ".config"), APP, "config.toml")
+    return env("IAPD_CONFIG") or _join(_xdg("XDG_CONFIG_HOME", ".config"), APP, "config.toml")
 
 
 def state_dir() -> str:
@@ -79,7 +80,7 @@ def socket_path() -> str:
     """Where iapd listens, the same answer for every command: ``$IAPD_SOCKET``, else the config's
     ``[daemon] socket``, else the default (`default_socket_path`). (`iapd serve --socket` comes
     first for the daemon itself.)"""
-    return _env("IAPD_SOCKET") or configured_socket() or default_socket_path()
+    return env("IAPD_SOCKET") or configured_socket() or default_socket_path()
 
 
 def configured_socket() -> str | None:
@@ -115,10 +116,10 @@ def default_socket_path() -> str:
     every user one), else our state directory, in a folder named after this host (a home
     directory on NFS is shared by machines, and a socket belongs to one kernel).
     """
-    runtime = _env("XDG_RUNTIME_DIR")
+    runtime = env("XDG_RUNTIME_DIR")
     if runtime.startswith("/") and _is_dir(runtime):
         return _join(runtime, APP, "iapd.sock")
-    tmp = _env("TMPDIR")
+    tmp = env("TMPDIR")
     if tmp.startswith("/") and _is_dir(tmp) and unsafe_dir(tmp) is None:
         return _join(tmp, f"{APP}-{posix.getuid()}", "iapd.sock")
     return _join(state_dir(), f"run-{posix.uname().nodename or 'localhost'}", "iapd.sock")
