@@ -235,11 +235,17 @@ def status_text() -> int | None:
     try:
         sys.stdout.write(resp.body.decode())
         sys.stdout.flush()
-    except BrokenPipeError:  # `iapctl status | head -1`: the reader is gone, which is its right
-        import os
-
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except BrokenPipeError:
+        reader_gone()
     return OK
+
+
+def reader_gone() -> None:
+    """`iapctl status | head -1`: the reader is gone, which is its right. No traceback, and none
+    at exit either (Python flushes stdout then): point stdout at /dev/null."""
+    import os
+
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 FORMATS = ("plain", "header", "json", "exec-credential")

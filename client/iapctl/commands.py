@@ -12,7 +12,7 @@ from iapctl import __version__, paths
 from iapctl.cli import (
     BAD_PROFILE, ERROR, EXIT_CODE_OF_ERROR, INTERRUPTED, LOGIN_REQUIRED, OK, UNREACHABLE, UPSTREAM, USAGE, Failure, call,
     error_of,
-    FORMATS, fail, run, valid_profile,
+    FORMATS, fail, reader_gone, run, valid_profile,
 )
 from iapctl.shown import shown
 
@@ -181,9 +181,7 @@ def dispatch(argv: list[str]) -> int:
     except KeyboardInterrupt:
         return fail("interrupted", INTERRUPTED)
     except BrokenPipeError:
-        # `iapctl status | head -1`: the reader is gone, which is its right. No traceback, and
-        # none at exit either (Python flushes stdout then): point it at /dev/null.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        reader_gone()
         return OK
 
 
