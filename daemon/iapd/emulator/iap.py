@@ -29,6 +29,7 @@ from google.auth import exceptions as google_exceptions
 from google.auth import jwt as google_jwt
 from google.oauth2 import id_token as google_id_token
 
+from iapd.emulator.oauth import STATE_KEY, html_error
 from iapd.emulator.state import IAP_CLIENT_ID, ISSUER, EmulatorState, subject_of
 
 HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailers",
@@ -269,26 +270,20 @@ async def handle_redirect(request: web.Request) -> web.Response:
     """GET …/clientIds/{client}:handleRedirect on the Google side: IAP exchanges the code with
     its own client, then sends the browser to the app's gatekeeper path with a one-time ticket
     (the session cookie must be set by the app's own host)."""
-    from iapd.emulator.oauth import STATE_KEY
-
     state: EmulatorState = request.app[STATE_KEY]
     pending = state.iap_pending.pop(request.query.get("state", ""), None)
     if pending is None or pending["expires"] <= state.now():
-        return _html(400, "Error 400: the sign-in request is unknown or expired; open the app's page again.")
+        return html_error(400, "Error 400: invalid_request",
+                          "The sign-in request is unknown or expired; open the app's page again.")
     if "error" in request.query:
-        return _html(403, f"Sign-in was not completed: {request.query['error']}.")
+        return html_error(403, "Sign-in was not completed", request.query["error"])
     grant = state.codes.pop(request.query.get("code", ""), None)
     if grant is None or grant.client_id != IAP_CLIENT_ID or grant.expires <= state.now():
-        return _html(400, "Error 400: invalid_grant (the authorization code is unknown, used or expired).")
+        return html_error(400, "Error 400: invalid_grant", "The authorization code is unknown, used or expired.")
     ticket = secrets.token_urlsafe(24)
     state.iap_tickets[ticket] = {"app": pending["app"], "email": grant.email, "sub": subject_of(grant.email),
                                  "path": pending["path"], "expires": state.now() + 60}
     raise web.HTTPFound(f"{pending['base']}{GATEKEEPER_PATH}?{urlencode({'ticket': ticket})}")
-
-
-def _html(status: int, text: str) -> web.Response:
-    return web.Response(status=status, text=f"<!DOCTYPE html><html><body>{html.escape(text)}</body></html>",
-                        content_type="text/html")
 
 
 def make_iap_app(proxy: IAPProxy) -> web.Application:

@@ -29,7 +29,7 @@ def oauth_error(error: str, description: str, status: int = 400, **extra: str) -
     return web.json_response({"error": error, "error_description": description, **extra}, status=status)
 
 
-def _html_error(status: int, title: str, detail: str) -> web.Response:
+def html_error(status: int, title: str, detail: str) -> web.Response:
     body = f"<!DOCTYPE html><html><body><h1>{html.escape(title)}</h1><p>{html.escape(detail)}</p></body></html>"
     return web.Response(status=status, text=body, content_type="text/html")
 
@@ -61,11 +61,11 @@ async def authorize(request: web.Request) -> web.Response:
     q = request.query
     client = state.clients.get(q.get("client_id", ""))
     if client is None:
-        return _html_error(401, "Error 401: invalid_client", "The OAuth client was not found.")
+        return html_error(401, "Error 401: invalid_client", "The OAuth client was not found.")
     redirect_uri = q.get("redirect_uri", "")
     registered = redirect_uri in client.redirect_uris  # a web client (IAP's own) and its redirect URIs
     if not registered and (not client.desktop or not _is_loopback_redirect(redirect_uri)):
-        return _html_error(400, "Error 400: redirect_uri_mismatch",
+        return html_error(400, "Error 400: redirect_uri_mismatch",
                            "Only a loopback http redirect (127.0.0.1, localhost, [::1]) is allowed for this client."
                            if client.desktop else "The redirect URI is not registered for this client.")
     oauth_state = q.get("state")
@@ -115,7 +115,7 @@ async def approve(request: web.Request) -> web.Response:
     form = await request.post()
     grant = state.codes.pop("consent:" + str(form.get("ticket", "")), None)
     if grant is None:
-        return _html_error(400, "Error 400: invalid_request", "Unknown or used consent ticket.")
+        return html_error(400, "Error 400: invalid_request", "Unknown or used consent ticket.")
     _redirect_with_code(state, grant, str(form.get("state", "")) or None)
 
 
