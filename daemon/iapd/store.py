@@ -91,9 +91,7 @@ class CredentialStore:
         vault = self.vault or vault_for(str(self.path.parent))
         try:
             held = await asyncio.to_thread(vault.items, list(self._records))
-            records = copy.deepcopy(self._records)
-            for key, secrets in held.items():
-                records.setdefault(key, {}).update(secrets)
+            records = self._with_secrets(held)
             for key, record in records.items():  # secrets the file still holds (a switch from "file")
                 if _secrets_of(record) and _secrets_of(record) != held.get(key):
                     await asyncio.to_thread(vault.put, key, _secrets_of(record))
@@ -119,9 +117,7 @@ class CredentialStore:
             self.error = f"the logins are in the keyring, which cannot be read to move them to the file: {exc}"
             log.error("credential store: %s", self.error)
             return
-        records = copy.deepcopy(self._records)
-        for key, secrets in held.items():
-            records.setdefault(key, {}).update(secrets)
+        records = self._with_secrets(held)
         self.kind, self.vault = "file", None
         await self._persist(records)  # the file has them: only now do they leave the keyring
         self._in_keyring = False
@@ -132,6 +128,13 @@ class CredentialStore:
                 log.error("credential store: moved the logins to the file, but could not remove %s from the "
                           "keyring: %s", key, exc)
         self.error = None
+
+    def _with_secrets(self, held: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        """The records with the secrets the keyring holds merged in (the keyring's win)."""
+        records = copy.deepcopy(self._records)
+        for key, secrets in held.items():
+            records.setdefault(key, {}).update(secrets)
+        return records
 
     @staticmethod
     def _remove_leftovers(path: Path) -> None:
