@@ -212,8 +212,7 @@ def run_doctor() -> int:
     _clock(report, config)
     _profiles(report, status)
     _flytekit(report)
-    print(f"\n{report.problems} problem(s)." if report.problems else "\nAll good.")
-    return 1 if report.problems else 0
+    return _done(report)
 
 
 # -- `iapctl doctor URL`: would IAP there let this profile's token in? ----------------------------

@@ -186,7 +186,7 @@ def run_setup(args) -> int:
 
     status = call("GET", "/v1/status")
     reads = (status.json().get("daemon") or {}).get("config") if status.status == 200 else None
-    if reads and os.path.abspath(reads) != os.path.abspath(path):
+    if reads and os.path.realpath(reads) != os.path.realpath(path):  # (as `iapctl doctor` compares them)
         raise Failure(f"iapd reads {reads}, not {path}: run setup with IAPD_CONFIG={reads}", BAD_PROFILE)
     kept = without_profile(text, name) if exists else text
     if exists and name in (tomllib.loads(kept).get("profiles") or {}):
