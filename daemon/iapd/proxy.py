@@ -185,10 +185,9 @@ class LocalProxy:
         return await self._forward(request, token)
 
     def _headers(self, request: web.Request, token: IdToken) -> dict[str, str]:
-        headers = _forwardable(request.headers, {"host", "content-length", self.header.lower()})
+        # Content-Length goes on as sent (a chunked upload stays chunked: Transfer-Encoding is hop-by-hop).
+        headers = _forwardable(request.headers, {"host", self.header.lower()})
         headers[self.header] = f"Bearer {token.value}"
-        if request.content_length is not None:
-            headers["Content-Length"] = str(request.content_length)
         return headers
 
     async def _forward(self, request: web.Request, token: IdToken) -> web.StreamResponse:
