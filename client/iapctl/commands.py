@@ -373,10 +373,10 @@ def cmd_service(args: argparse.Namespace) -> int:
 def _adhoc(definition: dict) -> int:
     """The slow path of the drop-ins (values that need JSON escaping, odd flag spellings): the
     same ad-hoc profile, named the way the fast path names it (iapctl.cli.drop_in)."""
-    from iapctl.cli import _fnv
+    from iapctl.cli import adhoc_name
 
     body = json.dumps(definition, separators=(",", ":"))[1:-1]
-    name = "adhoc-" + _fnv(body)
+    name = adhoc_name(body)
     return run(name, adhoc=json.dumps({"name": name, **definition}).encode())
 
 
