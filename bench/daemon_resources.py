@@ -1,7 +1,7 @@
 """Cold start to ready, and memory with 50 profiles each holding a token.
 
   * cold start: from spawning `iapd serve` to its READY=1 (what systemd and iapctl's autostart
-    wait for), median of several starts; goal ≤ 1 s. Heavy imports (Secret Manager's client,
+    wait for), median of several starts; goal ≤ 300 ms (issue 25). Heavy imports (Secret Manager's client,
     cryptography, the emulator) must stay lazy for this.
   * memory: RSS of a daemon with 50 profiles (50 audiences), after every one has fetched its
     token from the emulator; goal ≤ 60 MiB. Measured twice: 50 user profiles sharing one login
@@ -97,7 +97,7 @@ def main() -> int:
             stop(emulator)
     median = statistics.median(starts)
     print(f"cold start to READY=1: median {median * 1000:.0f} ms (min {min(starts) * 1000:.0f}, "
-          f"max {max(starts) * 1000:.0f}, {len(starts)} starts) — {'meets' if median <= 1 else 'MISSES'} ≤ 1 s")
+          f"max {max(starts) * 1000:.0f}, {len(starts)} starts) — {'meets' if median <= 0.3 else 'MISSES'} ≤ 300 ms")
     for name, (idle, loaded, ready) in results.items():
         print(f"RSS with {n} {name}: {idle:.1f} MiB before any token, {loaded:.1f} MiB with {ready} tokens cached"
               f" — {'meets' if loaded <= 60 else 'MISSES'} ≤ 60 MiB")

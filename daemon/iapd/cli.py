@@ -38,6 +38,11 @@ def _serve(args: argparse.Namespace) -> int:
     import os
 
     from iapctl.paths import config_path
+
+    # pydantic looks for plugins in every installed distribution's entry points when it builds
+    # its first model: 4 % of the config's import here, and a plugin would be code in the daemon
+    # that no config asked for. (PYDANTIC_DISABLE_PLUGINS is pydantic's own switch.)
+    os.environ.setdefault("PYDANTIC_DISABLE_PLUGINS", "__all__")
     from iapd.config import ConfigError, load_config
 
     path = args.config or config_path()

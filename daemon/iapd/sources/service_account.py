@@ -28,6 +28,7 @@ from iapd.config import ADCSource, ImpersonateSource, KeyFileSource, MetadataSou
 from iapd.errors import ConfigProblem, LoginRequired, UpstreamError, UpstreamUnavailable
 from iapd.google_creds import CLOUD_PLATFORM, adc_file, credentials_from_info, file_stamp, read_credentials_file
 from iapd.google_http import fetch, json_object
+from iapd.key_file import ServiceAccountKey
 from iapd.sources.base import IdToken, SourceContext
 
 JWT_BEARER = "urn:ietf:params:oauth:grant-type:jwt-bearer"
@@ -47,45 +48,27 @@ class KeyFileCredential:
         self.path = path
         self.ctx = ctx
         self.key = f"key_file:{self.path}"
-        self._info: dict[str, Any] | None = None
+        self._key: ServiceAccountKey | None = None
 
     def identity(self) -> str | None:
-        return self._info.get("client_email") if self._info else None
-
-    def _load(self) -> dict[str, Any]:
-        # google.auth.crypt pulls in cryptography (~50 ms, several MiB): only for key-file users.
-        from google.auth import crypt
-
-        info = read_credentials_file(self.path)
-        try:
-            if info.get("type") != "service_account":
-                raise ValueError(f"type is {info.get('type')!r}, expected 'service_account'")
-            signer = crypt.RSASigner.from_service_account_info(info)
-        except (ValueError, KeyError, TypeError) as exc:
-            raise ConfigProblem(f"service account key file {self.path} is not a valid key: {str(exc)[:120]}") from None
-        return {**info, "_signer": signer}
-
-    def _assertion(self, claims: dict[str, Any]) -> str:
-        from google.auth import jwt as google_jwt
-
-        assert self._info is not None
-        return google_jwt.encode(self._info["_signer"], claims).decode()
+        return self._key.email if self._key else None
 
     async def fetch(self, audience: str | None) -> IdToken:
         audience = _need_audience(audience, self.profile)
-        if self._info is None:
-            self._info = await self.ctx.google_auth.run(self._load)
+        if self._key is None:
+            self._key = await self.ctx.google_auth.run(ServiceAccountKey.load, self.path)
+        key = self._key
         endpoints = self.ctx.endpoints
         # The configured token endpoint wins when set; otherwise the key file's own.
         token_url = endpoints.token_url if "token_url" in endpoints.model_fields_set else \
-            self._info.get("token_uri", endpoints.token_url)
+            (key.token_uri or endpoints.token_url)
         # Google reads these against its own clock: the system's, not the one renewals are
         # scheduled on (which tests shift to play a suspend).
         now = int(time.time())
-        claims = {"iss": self._info["client_email"], "aud": token_url, "iat": now, "exp": now + 3600,
+        claims = {"iss": key.email, "aud": token_url, "iat": now, "exp": now + 3600,
                   "target_audience": audience}
         # An RSA signature is ~1 ms of CPU: off the loop, since after a suspend many are due at once.
-        assertion = await self.ctx.google_auth.run(self._assertion, claims)
+        assertion = await self.ctx.google_auth.run(key.sign_jwt, claims)
         try:
             answer = await fetch(self.ctx.session, "POST", token_url, what="getting a service-account ID token",
                                  data={"grant_type": JWT_BEARER, "assertion": assertion})

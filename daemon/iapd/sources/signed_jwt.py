@@ -25,8 +25,8 @@ from typing import Any, Protocol
 
 from iapd.config import ADCSource, ImpersonateSource, KeyFileSource, MetadataSource
 from iapd.errors import ConfigProblem, UpstreamError
-from iapd.google_creds import read_credentials_file
 from iapd.google_http import fetch, json_object
+from iapd.key_file import ServiceAccountKey
 from iapd.sources.base import IdToken, SourceContext
 from iapd.sources.service_account import AccessTokenSource, adc_stamp, iam_credentials, resolve_adc
 
@@ -51,34 +51,15 @@ class KeySigner:
         self.path = path
         self.ctx = ctx
         self.key = f"key_file:{path}"
-        self._signer = None
-        self._email: str | None = None
+        self._key: ServiceAccountKey | None = None
 
     def email(self) -> str | None:
-        return self._email
-
-    def _load(self) -> None:
-        from google.auth import crypt  # pulls in cryptography: only for key-file users
-
-        info = read_credentials_file(self.path)
-        try:
-            if info.get("type") != "service_account":
-                raise ValueError(f"type is {info.get('type')!r}, expected 'service_account'")
-            # key_id comes from the file's private_key_id: the `kid` IAP looks the key up by.
-            self._signer = crypt.RSASigner.from_service_account_info(info)
-            self._email = str(info["client_email"])
-        except (ValueError, KeyError, TypeError) as exc:
-            raise ConfigProblem(f"service account key file {self.path} is not a valid key: {str(exc)[:120]}") from None
-
-    def _encode(self, claims: dict[str, Any]) -> str:
-        from google.auth import jwt as google_jwt
-
-        return google_jwt.encode(self._signer, claims).decode()
+        return self._key.email if self._key else None
 
     async def sign(self, claims: dict[str, Any]) -> str:
-        if self._signer is None:
-            await self.ctx.google_auth.run(self._load)
-        return await self.ctx.google_auth.run(self._encode, {**claims, "iss": self._email, "sub": self._email})
+        if self._key is None:
+            self._key = await self.ctx.google_auth.run(ServiceAccountKey.load, self.path)
+        return await self.ctx.google_auth.run(self._key.sign_jwt, {**claims, "iss": self._key.email, "sub": self._key.email})
 
 
 class IamSigner:
