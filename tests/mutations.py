@@ -1,0 +1,382 @@
+"""Every promise of the README, the test that holds it, and the one-line change that must make
+that test fail — run, not just listed.
+
+A test that cannot fail is a defect. For each row below this script takes the line that keeps
+the promise, replaces it (removes the check, inverts it, skips the step), runs the named tests,
+and expects them to fail; then it puts the file back byte for byte. A mutation the tests survive
+is a promise nobody holds, and the script says so and exits 1.
+
+    .venv/bin/python tests/mutations.py            # all of them (~25 minutes on 2 cores)
+    .venv/bin/python tests/mutations.py --check    # only that each line to change is still there, once
+    .venv/bin/python tests/mutations.py --only proxy --only keyring
+    .venv/bin/python tests/mutations.py --table    # the Markdown table of tests/README.md
+
+It edits the working tree (the daemon the tests start imports it), so it refuses to touch a file
+with uncommitted changes, and drops the file's cached bytecode after each edit (a mutation of the
+same size in the same second would otherwise leave Python running stale bytecode).
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+TIMEOUT = 600  # seconds per mutation: a mutation that hangs a test is caught by the test's own timeouts first
+
+
+@dataclass(frozen=True)
+class Mutation:
+    section: str  # the README section the promise is in
+    promise: str
+    path: str
+    old: str
+    new: str
+    tests: tuple[str, ...]
+
+
+def m(section: str, promise: str, path: str, old: str, new: str, *tests: str) -> Mutation:
+    return Mutation(section, promise, path, old, new, tests)
+
+
+C, D, T = "client/iapctl/", "daemon/iapd/", "tests/"
+MUTATIONS = [
+    # -- the client's contract -------------------------------------------------------------------
+    m("Commands", "`iapctl token`: the token and a newline on stdout, nothing else",
+      C + "cli.py", 'sys.stdout.write((resp.body.decode() if fmt == "plain" else formatted(resp.json(), fmt)) + "\\n")',
+      'sys.stdout.write((resp.body.decode() if fmt == "plain" else formatted(resp.json(), fmt)) + " \\n")',
+      T + "test_client.py::test_token_prints_the_token_and_a_newline_only"),
+    m("Commands", "on any failure stdout is empty and stderr has one line",
+      C + "cli.py", 'sys.stderr.write(f"iapctl: {shown(message)}\\n")', 'sys.stdout.write(f"iapctl: {shown(message)}\\n")',
+      T + "test_client.py::test_login_required_unknown_profile_and_upstream"),
+    m("Commands", "one exit code per cause, the same for every command (4: login required)",
+      C + "cli.py", 'EXIT_CODE_OF_ERROR = {"login_required": LOGIN_REQUIRED,', 'EXIT_CODE_OF_ERROR = {"login_required": UPSTREAM,',
+      T + "test_first_week.py::test_one_exit_code_per_cause_whichever_command"),
+    m("Commands", "each request is bounded as a whole (`IAPCTL_TIMEOUT`), not per read",
+      C + "wire.py", "            sock.settimeout(left)\n", "            sock.settimeout(None)\n",
+      T + "test_client.py::test_garbage_and_hanging_servers_are_bounded"),
+    m("Commands", "one daemon however many calls race to start it",
+      C + "autostart.py", "        if _answers(socket_path):\n            return  # another client",
+      "        if False:\n            return  # another client",
+      T + "test_client.py::test_concurrent_first_calls_start_one_daemon"),
+    m("Start at login", "no autostart where a systemd unit owns the socket",
+      C + "autostart.py", "    if manager is not None:\n        raise Failure(", "    if False:\n        raise Failure(",
+      T + "test_client.py::test_autostart_stays_away_from_an_installed_systemd_socket"),
+    m("Logging in", "in CI (no terminal, no display) never a browser or a prompt: `login required`, exit 4",
+      C + "autologin.py", "    if not browser and terminal is None:\n        raise manual",
+      "    if False:\n        raise manual", T + "test_client.py::test_login_required_unknown_profile_and_upstream"),
+    m("Commands", "after a failed or abandoned login, none is opened for 5 minutes",
+      C + "autologin.py", "    left = _cooling_down(profile)\n", "    left = 0\n",
+      T + "test_client.py::test_login_command_with_browser"),
+    m("Logging in", "a browser that cannot be opened is said at once, with the URL",
+      C + "autologin.py", "    return bool(os.environ.get(\"DISPLAY\") or os.environ.get(\"WAYLAND_DISPLAY\"))",
+      "    return True", T + "test_login_terminal.py::test_a_browser_that_fails_with_nobody_at_a_terminal_says_so_at_once"),
+    m("Migrating", "flyte-iap's drop-ins name one ad-hoc profile per definition (a plain GET from the second call)",
+      C + "cli.py", "        if adhoc is not None and resp.status == 404:", "        if adhoc is not None:",
+      T + "test_client.py::test_flyte_iap_drop_in_user"),
+
+    # -- configuration -----------------------------------------------------------------------
+    m("Configuration", "a bad file is one line naming the key",
+      D + "config.py", '    if kind == "extra_forbidden":\n        return "unknown key"',
+      '    if kind == "extra_forbidden":\n        return "bad"', T + "test_config.py::test_bad_config_is_one_line_naming_the_key"),
+    m("Configuration", "never serve a token with less than `margin_seconds` left",
+      D + "cache.py", "        if left <= entry.margin:", "        if left <= 0:",
+      T + "test_one_login.py::test_a_token_with_less_than_the_margin_left_is_never_served"),
+    m("Configuration", "transient failures: the valid token keeps being served through the backoff",
+      D + "cache.py", "            token = self.peek(source, audience)\n            if token is not None:\n                return token",
+      "            token = self.peek(source, audience) if entry.last_error is None else None\n            if token is not None:\n                return token",
+      T + "test_daemon.py::test_transient_failures_keep_serving_the_valid_token"),
+    m("Configuration", "a permanent refusal is retried only `refused_retry_seconds` later",
+      D + "cache.py", "            return self.settings.refused_retry_seconds * random.uniform(0.9, 1.0)",
+      "            return 0.0", T + "test_faithful.py::test_error_kinds_are_told_apart_and_retried_as_they_deserve"),
+    m("Configuration", "renewals after a suspend run a few at a time — more than one, at most `max_concurrent_refreshes`",
+      D + "cache.py", "asyncio.Semaphore(settings.max_concurrent_refreshes)", "asyncio.Semaphore(1)",
+      T + "test_faithful.py::test_after_a_suspend_renewals_run_a_few_at_a_time"),
+    m("Configuration", "an idle audience is not renewed ahead of time (three supervisor passes awaited, not a sleep)",
+      D + "cache.py", "        if entry.token is None or entry.login_required or self._idle(entry):",
+      "        if entry.token is None or entry.login_required:",
+      T + "test_hardening.py::test_an_idle_audience_stops_being_renewed_ahead_of_time"),
+    m("Configuration", "a profile that did not change keeps its token and login across a reload",
+      D + "agent.py", "            kept = {name: p for name, p in self.profiles.items() if name in new.profiles",
+      "            kept = {name: p for name, p in self.profiles.items() if False and name in new.profiles",
+      T + "test_day_to_day.py::test_a_broken_edit_keeps_the_old_config_serving_and_unchanged_profiles_keep_their_tokens"),
+    m("What a login is", "one refresh at a time per login, whichever profile asked",
+      D + "logins.py", "-> dict[str, Any]:\n        async with self._lock:", "-> dict[str, Any]:\n        async with asyncio.Lock():",
+      T + "test_one_login.py::test_two_profiles_on_one_rotating_login_asked_at_once_keep_it"),
+    m("What a login is", "a rotated refresh token is stored only if the store still holds the one presented",
+      D + "store.py", '            if (self._records.get(key) or {}).get("refresh_token") != expected:',
+      '            if False:', T + "test_one_login.py::test_a_login_during_a_renewal_wins"),
+    m("What a login is", "a rotated token whose write failed stays live in memory and is written again",
+      D + "logins.py", "            self._pending = new\n", "            pass\n",
+      T + "test_one_login.py::test_a_failed_write_of_a_rotated_token_loses_nothing"),
+    m("What a login is", "a stop lets a refresh already at the issuer finish and be stored",
+      D + "logins.py", "                swapped = await self.store.swap(self.key, presented, refresh_token=new, **fields)",
+      "                swapped = True", T + "test_one_login.py::test_a_stop_during_a_rotation_lets_it_finish_and_be_stored"),
+    m("What a login is", "a stored login goes only to the token endpoint it was minted at",
+      D + "logins.py", "        if bound is not None and bound != endpoint:", "        if False:",
+      T + "test_one_login.py::test_a_config_that_names_another_token_endpoint_never_gets_the_stored_login"),
+    m("What a login is", "the Secret Manager secret is read at login and kept with the refresh token",
+      D + "sources/user.py", '        if not reread and record.get("client_secret") and record.get("client_secret_name") == name:',
+      "        if False:", T + "test_daemon.py::test_restarted_daemon_serves_without_new_login_and_reads_secret_once"),
+    m("Configuration", "an ADC file is read again when it changes",
+      D + "sources/service_account.py", "    async def changed(self) -> bool:\n",
+      "    async def changed(self) -> bool:\n        return False\n",
+      T + "test_one_login.py::test_application_default_credentials_are_read_again_when_the_file_changes"),
+    m("Changing the config", "a profile asked for that iapd does not know: the file is read again at once",
+      D + "agent.py", "        if why is None and self._reload_lock.locked():", "        if True:",
+      T + "test_day_to_day.py::test_a_profile_added_while_the_daemon_runs_is_served_at_once"),
+
+    # -- OpenID Connect ---------------------------------------------------------------------
+    m("Any OpenID Connect issuer", "discovery's `issuer` must be the one configured",
+      D + "sources/oidc.py", '        if not isinstance(named, str) or named.rstrip("/") != issuer:', "        if False:",
+      T + "test_trust.py::test_a_discovery_document_of_another_issuer_is_refused"),
+    m("Any OpenID Connect issuer", "endpoints a discovery document names must be https (or loopback)",
+      D + "sources/oidc.py", "        if not secure_url(url):", "        if False:",
+      T + "test_trust.py::test_a_discovery_document_that_names_a_plain_http_endpoint_elsewhere_is_refused"),
+    m("Any OpenID Connect issuer", "an ID token's `iss` is checked before it is served",
+      D + "sources/oidc.py", "        if str(claims.get(\"iss\", \"\")).rstrip(\"/\") != self.config.issuer.rstrip(\"/\"):",
+      "        if False:", T + "test_trust.py::test_an_id_token_of_another_issuer_or_client_is_not_served"),
+    m("Any OpenID Connect issuer", "… and its `aud`",
+      D + "sources/oidc.py", "        if self.config.client_id not in audiences:", "        if False:",
+      T + "test_trust.py::test_an_id_token_of_another_issuer_or_client_is_not_served"),
+    m("Any OpenID Connect issuer", "a `via` token goes only to its issuer's origin",
+      D + "sources/oidc.py", "        if self.proxy_token is None or _origin(url) != _origin(self.config.issuer):",
+      "        if self.proxy_token is None:", T + "test_trust.py::test_a_via_token_goes_only_to_the_issuers_origin"),
+    m("Any OpenID Connect issuer", "the device grant's `interval` is clamped to 1–60 s",
+      D + "sources/oidc.py", "        return 5.0", "        return 0.0",
+      T + "test_trust.py::test_a_device_interval_that_is_not_a_small_positive_number_is_clamped"),
+    m("Any OpenID Connect issuer", "an opaque access token's lifetime comes from `expires_in`",
+      D + "sources/oidc.py", "        if not isinstance(expires_in, (int, float)) or expires_in <= 0:", "        if False:",
+      T + "test_trust.py::test_impossible_numbers_from_an_issuer_are_refused_and_status_still_answers"),
+    m("Any OpenID Connect issuer", "a plain-http issuer elsewhere than this machine is a config error",
+      D + "config.py", "        if url is not None and not secure_url(url):", "        if False:",
+      T + "test_trust.py::test_a_non_loopback_http_issuer_is_a_config_error"),
+
+    # -- what iapd trusts --------------------------------------------------------------------
+    m("What iapd trusts", "no redirect is followed by a request that carries a secret",
+      D + "google_http.py", "allow_redirects=False", "allow_redirects=True",
+      T + "test_trust.py::test_a_redirect_is_never_followed_with_credentials"),
+    m("What iapd trusts", "an answer is at most 4 MiB",
+      D + "google_http.py", "        if size > MAX_ANSWER_BYTES:", "        if False:",
+      T + "test_trust.py::test_an_oversized_answer_is_refused"),
+    m("What iapd trusts", "a token must be printable ASCII",
+      D + "sources/base.py", '    if not value or not all("!" <= c <= "~" for c in value):', "    if not value:",
+      T + "test_trust.py::test_a_token_with_a_line_break_is_refused"),
+    m("What iapd trusts", "`exp`, `iat` and `expires_in` must be finite and sane",
+      D + "sources/base.py", "        if not (math.isfinite(exp) and math.isfinite(iat)) or exp - iat > MAX_LIFETIME:",
+      "        if False:", T + "test_trust.py::test_impossible_numbers_from_an_issuer_are_refused_and_status_still_answers"),
+    m("What iapd trusts", "the config is refused unless it is yours and nobody else can write it or a directory above it",
+      D + "config.py", "    if unsafe is not None:\n        raise ConfigError(", "    if False:\n        raise ConfigError(",
+      T + "test_trust.py::test_a_config_in_a_directory_another_user_made_is_refused"),
+    m("What iapd trusts", "`[daemon] environment` takes only network and credential settings",
+      D + "config.py", "        if name not in DAEMON_ENVIRONMENT:", "        if False:",
+      T + "test_trust.py::test_the_daemons_environment_takes_only_network_and_credential_settings"),
+    m("What iapd trusts", "autostart passes its caller's environment by name, not whole",
+      C + "autostart.py", "env=_daemon_env(socket_path, notify_path)", "env={**os.environ, **_daemon_env(socket_path, notify_path)}",
+      T + "test_trust.py::test_autostart_gives_the_daemon_only_what_it_needs"),
+    m("What iapd trusts", "one daemon per store: a second refuses to start and names the first",
+      D + "store.py", "fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)", "fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)",
+      T + "test_trust.py::test_a_second_daemon_on_one_store_refuses_to_start"),
+    m("What iapd trusts", "a request target with a line break never reaches the socket",
+      C + "wire.py", '    if not all("!" <= c <= "~" for c in target):', "    if False:",
+      T + "test_trust.py::test_a_request_target_with_a_line_break_never_reaches_the_socket"),
+
+    # -- security model ----------------------------------------------------------------------
+    m("Security model", "only your uid talks to the agent, whatever the socket's mode",
+      D + "guard.py", "        if uid != os.getuid():", "        if False:",
+      T + "test_daemon.py::test_another_uid_is_refused_even_on_a_0666_socket"),
+    m("Security model", "the client talks only to a socket served by your uid",
+      C + "wire.py", "        if uid != posix.getuid():", "        if False:",
+      T + "test_local_users.py::test_the_client_refuses_a_socket_served_by_another_uid"),
+    m("Security model", "… in a directory only you can write",
+      C + "paths.py", "    if info.st_mode & 0o022:", "    if False:",
+      T + "test_local_users.py::test_the_client_refuses_a_socket_in_a_directory_others_can_write"),
+    m("Security model", "no imports from the caller's working directory (autostart runs `python -P`)",
+      C + "autostart.py", '[sys.executable, "-P", "-m", "iapd", "serve"]', '[sys.executable, "-m", "iapd", "serve"]',
+      T + "test_local_users.py::test_autostart_never_imports_from_the_working_directory"),
+    m("Security model", "… nor for the Secret Manager reader",
+      D + "secret_manager.py", 'sys.executable, "-P", "-m", "iapd.secret_manager"', 'sys.executable, "-m", "iapd.secret_manager"',
+      T + "test_local_users.py::test_the_secret_manager_child_never_imports_from_the_working_directory"),
+    m("Security model", "the login listener's one-time start URL works once",
+      D + "login.py", "        if flow.browser_started or flow.done.done():", "        if flow.done.done():",
+      T + "test_local_users.py::test_another_user_cannot_take_over_a_login_from_the_browsers_argv"),
+    m("Security model", "stray requests to the login listener get an error page and do not end the login",
+      D + "login.py", '        if params.get("state") != flow.state or flow.done.done() or flow.finishing:',
+      "        if flow.done.done() or flow.finishing:", T + "test_daemon.py::test_stray_requests_do_not_break_the_login"),
+    m("Security model", "the listener caps its connections; an idle one gives way to a new one",
+      D + "guard.py", "        if idle is None:", "        if True:",
+      T + "test_local_users.py::test_a_flood_on_the_login_listener_starves_nothing"),
+    m("Security model", "a socket client must send its request headers within `header_timeout_seconds`",
+      D + "guard.py", "        self.timer = asyncio.get_running_loop().call_later(self.gate.header_timeout, self._too_slow)",
+      "        self.timer = None", T + "test_hardening.py::test_slowloris_connections_do_not_delay_a_token"),
+    m("Security model", "the daemon raises its soft descriptor limit to the hard one",
+      D + "daemon.py", "            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))", "            pass",
+      T + "test_local_users.py::test_the_daemon_raises_its_soft_descriptor_limit"),
+    m("Security model", "`account` pins the login to one account",
+      D + "sources/user.py", '        if want and str(claims.get("email", "")).lower() != want.lower():', "        if False:",
+      T + "test_local_users.py::test_a_login_pinned_to_an_account_refuses_another"),
+    m("Security model", "`hosted_domain` refuses an account of another Workspace domain",
+      D + "sources/user.py", '        if domain and claims.get("hd") != domain:', "        if False:",
+      T + "test_local_users.py::test_a_login_pinned_to_a_workspace_domain_refuses_an_account_of_another"),
+    m("Security model", "the store is written atomically: a crash leaves the old file or the new one",
+      D + "fsutil.py", "        os.replace(tmp, path)\n", "        os.replace(tmp, path) if False else path.write_bytes(data)\n",
+      T + "test_hardening.py::test_kill_9_during_store_writes_leaves_old_or_new_never_broken"),
+    m("Security model", "a failed write (a full disk) leaves the old file and no temp file",
+      D + "fsutil.py", "        tmp.unlink(missing_ok=True)\n", "        pass\n",
+      T + "test_local_users.py::test_a_full_disk_fails_the_login_at_once_and_leaves_no_temp_file"),
+    m("Security model", "a store of the wrong shape is set aside, not a crash loop",
+      D + "store.py", '        raise TypeError("a record is not an object")', "        pass",
+      T + "test_local_users.py::test_a_store_of_the_wrong_shape_is_set_aside_not_a_crash_loop"),
+    m("Security model", "`invalid_rapt` (a reauthentication policy) means login required, not a retry",
+      D + "google_http.py", '        if subtype == "invalid_rapt" or "invalid_rapt" in description:', "        if False:",
+      T + "test_hardening.py::test_invalid_rapt_stops_all_refreshing_until_login"),
+    m("Security model", "text from elsewhere is shown with its control characters escaped",
+      C + "cli.py", 'sys.stderr.write(f"iapctl: {shown(message)}\\n")', 'sys.stderr.write(f"iapctl: {message}\\n")',
+      T + "test_trust.py::test_text_from_an_issuer_reaches_the_terminal_escaped"),
+    m("Security model", "where peers cannot be told apart, only a pasted redirect completes a login",
+      D + "login.py", "        if outcome is None:\n            return _page(\"Not this login\"",
+      "        if outcome is None or False:\n            return _page(\"Not this login\"",
+      T + "test_trust.py::test_where_peers_cannot_be_told_apart_the_browser_alone_completes_no_login"),
+
+    # -- socket API, logout, status ----------------------------------------------------------
+    m("Commands", "logout revokes, then wipes; a kill during it leaves a clear `log in`",
+      D + "agent.py", '        """One profile (and every profile sharing its login), or everything."""\n',
+      '        """One profile (and every profile sharing its login), or everything."""\n        return {"results": []}\n',
+      T + "test_hardening.py::test_kill_9_of_the_daemon_mid_operation[logout]"),
+    m("Socket API", "an ad-hoc profile's name is taken by one definition only",
+      D + "agent.py", "        if name in self.profiles and self.profiles[name] != profile:", "        if False:",
+      T + "test_client.py::test_flyte_iap_drop_in_service_account"),
+    m("Socket API", "a login whose last long-poll went away is abandoned",
+      D + "login.py", "            self._settle(flow, BadRequest(\"the login was abandoned: nobody was waiting for it any more\"))",
+      "            pass", T + "test_login_terminal.py::test_a_killed_login_is_abandoned_by_the_daemon"),
+    m("Socket API", "`wait` must be a finite number",
+      D + "server.py", "        if not math.isfinite(wait):", "        if False:",
+      T + "test_local_users.py::test_wait_must_be_a_finite_number"),
+    m("Start at login", "a live socket is never stolen; a stale one is replaced",
+      D + "server.py", "        if not stat.S_ISSOCK(mode):", "        if False:",
+      T + "test_daemon.py::test_live_socket_not_stolen_stale_socket_replaced"),
+
+    # -- service accounts, signed JWTs -------------------------------------------------------
+    m("CI with service accounts", "a service account profile without an audience is a clear error",
+      D + "sources/service_account.py", "    return audience\n", "    return audience or \"\"\n",
+      T + "test_service_accounts.py::test_service_account_without_audience_is_a_clear_error"),
+    m("Signed JWTs", "the emulated IAP refuses a signed JWT whose `aud` does not cover the URL",
+      D + "emulator/iap.py", '    return aud == url or (aud.endswith("/*") and url.startswith(aud[:-1]))', "    return True",
+      T + "test_signed_jwt.py::test_the_emulated_iap_refuses_a_signed_jwt_for_another_url_too_long_expired_or_of_a_wrong_key"),
+    m("Signed JWTs", "… and one more than an hour long",
+      D + "emulator/iap.py", '        if claims["exp"] - claims["iat"] > MAX_JWT_LIFETIME:', "        if False:",
+      T + "test_signed_jwt.py::test_the_emulated_iap_refuses_a_signed_jwt_for_another_url_too_long_expired_or_of_a_wrong_key"),
+    m("Signed JWTs", "a `jwt_audience` that cannot work is a config error",
+      D + "config.py", "    if not secure_url(value):\n        raise ValueError(f\"must be https",
+      "    if False:\n        raise ValueError(f\"must be https",
+      T + "test_signed_jwt.py::test_the_config_refuses_a_jwt_audience_that_cannot_work"),
+
+    # -- the proxy ---------------------------------------------------------------------------
+    m("A local proxy", "a request whose `Host` is not the listener's own is refused (421)",
+      D + "proxy.py", "            return _plain(421,", "            pass or _plain(421,",
+      T + "test_proxy.py::test_a_foreign_host_and_a_browser_origin_are_refused"),
+    m("A local proxy", "the caller's `Proxy-Authorization` is never forwarded",
+      D + "proxy.py", '"upgrade", "proxy-authenticate", "proxy-authorization"})', '"upgrade", "proxy-authenticate"})',
+      T + "test_proxy.py::test_hop_by_hop_headers_and_the_callers_proxy_authorization_are_not_forwarded"),
+    m("A local proxy", "a request a browser marks as made by a page is refused",
+      D + "proxy.py", "            return _plain(403, f\"requests a web page makes", "            pass or _plain(403, f\"requests a web page makes",
+      T + "test_proxy.py::test_a_foreign_host_and_a_browser_origin_are_refused"),
+    m("A local proxy", "at most 256 connections per proxy",
+      D + "proxy.py", "max_connections=MAX_CONNECTIONS)", "max_connections=1)",
+      T + "test_proxy.py::test_curl_and_requests_reach_the_app_behind_iap_through_the_proxy"),
+
+    # -- the emulator, held to Google --------------------------------------------------------
+    m("How faithful it is", "the emulator's `Date` follows its clock",
+      D + "emulator/app.py", '    response.headers["Date"] = date\n', "",
+      T + "test_faithful.py::test_the_date_header_follows_the_emulated_clock"),
+    m("What a login is", "a spent refresh token is never presented again",
+      D + "logins.py", "            if _digest(presented) in self._spent:", "            if False:",
+      T + "test_one_login.py::test_a_failed_write_of_a_rotated_token_loses_nothing"),
+]
+
+
+def run_tests(tests: tuple[str, ...]) -> tuple[bool, float, str]:
+    """(failed, seconds, last lines): failed means the tests ran and at least one failed."""
+    start = time.monotonic()
+    try:
+        done = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests],
+                              cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT)
+    except subprocess.TimeoutExpired:
+        return True, time.monotonic() - start, "timed out (counted as failing)"
+    tail = (done.stdout + done.stderr).strip().splitlines()[-1:] or [""]
+    # 1: tests failed. 2 (interrupted), 4 (usage), 5 (nothing collected): the row itself is wrong.
+    return done.returncode == 1, time.monotonic() - start, tail[0]
+
+
+def _drop_bytecode(path: Path) -> None:
+    for pyc in (path.parent / "__pycache__").glob(f"{path.stem}.*.pyc"):
+        pyc.unlink(missing_ok=True)
+
+
+def check(mutation: Mutation) -> str | None:
+    path = ROOT / mutation.path
+    count = path.read_text().count(mutation.old)
+    if count != 1:
+        return f"the line to change is in {mutation.path} {count} times (expected once): update this row"
+    return None
+
+
+def mutate_and_run(mutation: Mutation) -> tuple[bool, float, str]:
+    path = ROOT / mutation.path
+    dirty = subprocess.run(["git", "status", "--porcelain", "--", mutation.path], cwd=ROOT, capture_output=True, text=True)
+    if dirty.stdout.strip():
+        raise SystemExit(f"{mutation.path} has uncommitted changes: commit them first (this script edits it)")
+    original = path.read_bytes()
+    try:
+        path.write_bytes(original.replace(mutation.old.encode(), mutation.new.encode(), 1))
+        _drop_bytecode(path)
+        return run_tests(mutation.tests)
+    finally:
+        path.write_bytes(original)
+        _drop_bytecode(path)
+
+
+def table(rows: list[Mutation]) -> str:
+    lines = ["| README section | promise | test | mutation that makes it fail |", "|---|---|---|---|"]
+    for r in rows:
+        tests = "<br>".join(f"`{t.removeprefix('tests/')}`" for t in r.tests)
+        first = r.old.strip().splitlines()[0]
+        lines.append(f"| {r.section} | {r.promise} | {tests} | `{r.path.split('/', 1)[1]}`: `{first[:70]}` → "
+                     f"`{r.new.strip().splitlines()[0][:50]}` |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--check", action="store_true", help="only check that every line to change is there, once")
+    parser.add_argument("--table", action="store_true", help="print the Markdown table for tests/README.md")
+    parser.add_argument("--only", action="append", default=[], help="rows whose promise, file or test contains this")
+    args = parser.parse_args()
+    rows = [r for r in MUTATIONS if not args.only
+            or any(s in f"{r.promise} {r.path} {' '.join(r.tests)}" for s in args.only)]
+    if args.table:
+        print(table(rows))
+        return 0
+    stale = [(r, why) for r in rows if (why := check(r))]
+    for r, why in stale:
+        print(f"STALE     {r.promise}: {why}")
+    if args.check or stale:
+        print(f"{len(rows) - len(stale)} of {len(rows)} rows can be applied")
+        return 1 if stale else 0
+    survived = []
+    for i, r in enumerate(rows, 1):
+        failed, seconds, tail = mutate_and_run(r)
+        print(f"{'caught  ' if failed else 'SURVIVED'} {i:3}/{len(rows)} {seconds:5.0f}s  {r.promise}  [{tail[:80]}]",
+              flush=True)
+        if not failed:
+            survived.append(r)
+    print(f"\n{len(rows) - len(survived)} of {len(rows)} mutations make their tests fail")
+    return 1 if survived else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
