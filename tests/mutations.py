@@ -296,6 +296,51 @@ MUTATIONS = [
     m("What a login is", "a spent refresh token is never presented again",
       D + "logins.py", "            if _digest(presented) in self._spent:", "            if False:",
       T + "test_one_login.py::test_a_failed_write_of_a_rotated_token_loses_nothing"),
+    # -- the store and the keyring -----------------------------------------------------------
+    m("Where logins are kept", 'with `store = "keyring"` no file holds a refresh token or client secret',
+      D + "store.py", '        kept = _without_secrets(records) if self.kind == "keyring" else records', "        kept = records",
+      T + "test_keyring.py::test_a_login_lives_in_the_keyring_and_survives_a_restart_without_a_file_holding_it"),
+    m("Where logins are kept", "switching `store` and reloading moves the logins across",
+      D + "agent.py", "                await self.store.use(new.daemon.store)", "                pass",
+      T + "test_keyring.py::test_switching_stores_moves_the_logins_across_and_leaves_nothing_behind"),
+    m("Where logins are kept", "a switch to a locked keyring loses nothing, and a switch back needs nothing",
+      D + "store.py", "        if not self._in_keyring:  # a switch to the keyring never happened", "        if False:  # a switch to the keyring never happened",
+      T + "test_keyring.py::test_a_switch_to_a_locked_keyring_is_refused_in_status_and_a_switch_back_needs_nothing"),
+
+    # -- setup and doctor URL ----------------------------------------------------------------
+    m("From an app's URL", "`setup` appends the profile: the config's text stays byte for byte",
+      C + "setup.py", '    new_text = kept + ("\\n" if kept and not kept.endswith("\\n") else "") + ("\\n" if kept else "") + \\',
+      '    new_text = "" + ("\\n" if kept and not kept.endswith("\\n") else "") + ("\\n" if kept else "") + \\',
+      T + "test_setup.py::test_setup_from_the_iap_url_writes_a_profile_reusing_the_login_and_proves_it"),
+    m("From an app's URL", "`setup --dry-run` never prints a client secret",
+      C + "setup.py", "        sys.stdout.write(re.sub(r'^(client_secret = ).*$', r'\\1\"…\"  # (as given: not shown)', block, flags=re.M))",
+      "        sys.stdout.write(block)", T + "test_setup.py::test_setup_dry_run_never_prints_a_client_secret"),
+    m("From an app's URL", "`setup` checks that iapd reads the config it writes",
+      C + "setup.py", "    if reads and os.path.realpath(reads) != os.path.realpath(path):", "    if False:",
+      T + "test_setup.py::test_setup_refuses_what_it_cannot_use_and_writes_nothing"),
+    m("From an app's URL", "`doctor URL` names a signed JWT whose `aud` does not cover the URL",
+      C + "probe.py", "        if not isinstance(aud, str) or not jwt_covers(aud, without_query(url)):", "        if False:",
+      T + "test_setup.py::test_doctor_url_names_a_signed_jwt_whose_aud_does_not_cover_the_url"),
+    m("From an app's URL", "`doctor URL` names a wrong audience, both shown",
+      C + "probe.py", '    elif guard.kind == "google_iap" and guard.client_id and aud != guard.client_id and profile.get("mode") != "allowlist":',
+      "    elif False:", T + "test_setup.py::test_doctor_url_names_a_wrong_audience_showing_both"),
+
+    # -- the proxy, continued ----------------------------------------------------------------
+    m("A local proxy", "a token the app refuses early is renewed once and a bodyless request retried",
+      D + "proxy.py", "            if upstream.status == 401 and attempt == 1 and not has_body \\",
+      "            if False and upstream.status == 401 and attempt == 1 and not has_body \\",
+      T + "test_proxy.py::test_a_token_the_app_refuses_early_is_renewed_once_and_the_request_retried"),
+
+    # -- the launcher ------------------------------------------------------------------------
+    m("Measured", "the launcher starts Python without `site` in a venv, normally elsewhere",
+      "client/bin/iapctl", 'if [ -f "$here/../pyvenv.cfg" ] && [ -x "$here/python" ]; then', "if false; then",
+      T + "test_packaging.py::test_the_launcher_starts_without_site_where_it_can_and_normally_anywhere_else"),
+
+    # -- the emulator's IAP for people -------------------------------------------------------
+    m("The emulator", "a browser without IAP's session cookie is sent to sign in; an AJAX request gets a 401",
+      D + "emulator/iap.py", '                if request.headers.get("X-Requested-With", "").lower() == "xmlhttprequest":',
+      "                if True:", T + "test_iap_browser.py::test_flytes_own_login_behind_iap_completes_in_a_browser_that_keeps_cookies"),
+
 ]
 
 
