@@ -100,21 +100,33 @@ backoff_cap_seconds = 0.4
 
 
 def test_renewal_before_expiry_and_never_inside_margin(daemon_factory, emulator):
-    emulator.settings(token_lifetime=5)
-    daemon = daemon_factory(SHORT)
+    """Four hours of Google's one-hour tokens under the default policy, the daemon's and the
+    emulator's clocks moved five minutes a step (a step is narrower than the gap between the
+    renewal window, 12–15 minutes, and the 60 s margin, as real time is): every token served
+    keeps the margin by the IdP's own clock, every renewal ran ahead of a request (none waited),
+    about one per renewal cycle."""
+    daemon = daemon_factory("")
     daemon.login()
+    daemon.token("demo-user")
     emulator._post("reset_counters")
-    seen, started = set(), time.time()
-    while time.time() - started < 8:
+    waited = daemon.profile_status("demo-user")["waited_requests"]
+    seen = set()
+    for step in range(1, 4 * 12 + 1):
+        offset = step * 300
+        emulator.settings(clock_offset=offset)
+        daemon.set_clock(offset, offset)  # a suspend's worth: both clocks
         token = daemon.token("demo-user")
         seen.add(token)
-        left = unverified_claims(token)["exp"] - time.time()
-        assert left > 1 - 0.2, f"served a token with {left:.2f}s left (margin is 1s)"
-        time.sleep(0.1)
+        left = unverified_claims(token)["exp"] - (time.time() + offset)
+        assert left > 60, f"served a token with {left:.0f}s left at step {step} (the margin is 60s)"
+        # A renewal that came due lands before the next step, as it would in real time.
+        wait_for(lambda: daemon.profile_status("demo-user")["next_renewal_in"] != 0, what="a due renewal")
     refreshes = emulator.counters()[f"refresh:{IAP}"]
-    # 8 s of 5 s tokens renewed at ≤2.5 s left: a first fetch plus 3 renewals, give or take one.
-    assert 3 <= refreshes <= 5 and len(seen) <= refreshes
-    assert daemon.profile_status("demo-user")["state"] == "ready"
+    # 240 minutes, renewed with 12–15 of 60 left (every 45–48): 5 renewals, give or take one.
+    assert 4 <= refreshes <= 6 and len(seen) == refreshes + 1, (refreshes, len(seen))
+    status = daemon.profile_status("demo-user")
+    assert status["waited_requests"] == waited, "a request waited on the IdP"
+    assert status["state"] == "ready"
 
 
 def test_transient_failures_keep_serving_the_valid_token(daemon_factory, emulator):
