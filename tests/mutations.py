@@ -55,7 +55,7 @@ MUTATIONS = [
       T + "test_client.py::test_login_required_unknown_profile_and_upstream"),
     m("Commands", "one exit code per cause, the same for every command (4: login required)",
       C + "cli.py", 'EXIT_CODE_OF_ERROR = {"login_required": LOGIN_REQUIRED,', 'EXIT_CODE_OF_ERROR = {"login_required": UPSTREAM,',
-      T + "test_first_week.py::test_one_exit_code_per_cause_whichever_command"),
+      T + "test_first_week.py::test_one_exit_code_per_cause_whichever_command"),  # with `token` of a profile nobody logged in to
     m("Commands", "each request is bounded as a whole (`IAPCTL_TIMEOUT`), not per read",
       C + "wire.py", "            sock.settimeout(left)\n", "            sock.settimeout(None)\n",
       T + "test_client.py::test_garbage_and_hanging_servers_are_bounded"),

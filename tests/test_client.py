@@ -52,8 +52,9 @@ def test_token_prints_the_token_and_a_newline_only(daemon, env, emulator):
     daemon.login()
     out = iapctl("token", "demo-user", env=env)
     assert out.returncode == 0 and out.stderr == ""
-    assert out.stdout.endswith("\n") and out.stdout.count("\n") == 1
-    token = out.stdout.strip()
+    # Exactly the token and one newline: a proxyCommand's caller takes stdout as it is.
+    assert re.fullmatch(r"[A-Za-z0-9_.-]+\n", out.stdout), repr(out.stdout[-20:])
+    token = out.stdout[:-1]
     assert unverified_claims(token)["aud"] == IAP
     assert requests.get(emulator.url("iap_url"), headers={"Proxy-Authorization": f"Bearer {token}"},
                         timeout=10).status_code == 200

@@ -25,6 +25,7 @@ def env(daemon, tmp_path) -> dict:
 
 def test_one_exit_code_per_cause_whichever_command(env, daemon_factory, emulator, tmp_path):
     failed(iapctl("token", "nosuch", env=env), 5, "no profile named 'nosuch'")
+    failed(iapctl("token", "demo-user", env=env), 4, "run `iapctl login demo-user`")  # nobody logged in yet
     failed(iapctl("login", "nosuch", env=env), 5, "no profile named 'nosuch'")  # was 4
     failed(iapctl("login", "demo-sa", env=env), 5, "nothing to log in to")  # was 4
     sa = daemon_factory(config=profiles(emulator, tmp_path, SOURCES), name="sa")
