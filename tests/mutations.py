@@ -37,10 +37,15 @@ class Mutation:
     old: str
     new: str
     tests: tuple[str, ...]
+    also: tuple[tuple[str, str, str], ...] = ()  # more (path, old, new): guards layered on purpose
+
+    def edits(self) -> tuple[tuple[str, str, str], ...]:
+        return ((self.path, self.old, self.new), *self.also)
 
 
-def m(section: str, promise: str, path: str, old: str, new: str, *tests: str) -> Mutation:
-    return Mutation(section, promise, path, old, new, tests)
+def m(section: str, promise: str, path: str, old: str, new: str, *tests: str,
+      also: tuple[tuple[str, str, str], ...] = ()) -> Mutation:
+    return Mutation(section, promise, path, old, new, tests, also)
 
 
 C, D, T = "client/iapctl/", "daemon/iapd/", "tests/"
@@ -108,7 +113,10 @@ MUTATIONS = [
       T + "test_one_login.py::test_two_profiles_on_one_rotating_login_asked_at_once_keep_it"),
     m("What a login is", "a rotated refresh token is stored only if the store still holds the one presented",
       D + "store.py", '            if (self._records.get(key) or {}).get("refresh_token") != expected:',
-      '            if False:', T + "test_one_login.py::test_a_login_during_a_renewal_wins"),
+      '            if False:', T + "test_one_login.py::test_a_login_during_a_renewal_wins",
+      # …and a login waits for the refresh under way: two guards, so both go.
+      also=((D + "logins.py", "        async with self._lock:\n            previous = self.refresh_token()",
+             "        async with asyncio.Lock():\n            previous = self.refresh_token()"),)),
     m("What a login is", "a rotated token whose write failed stays live in memory and is written again",
       D + "logins.py", "            self._pending = new\n", "            pass\n",
       T + "test_one_login.py::test_a_failed_write_of_a_rotated_token_loses_nothing"),
@@ -117,7 +125,10 @@ MUTATIONS = [
       "                swapped = True", T + "test_one_login.py::test_a_stop_during_a_rotation_lets_it_finish_and_be_stored"),
     m("What a login is", "a stored login goes only to the token endpoint it was minted at",
       D + "logins.py", "        if bound is not None and bound != endpoint:", "        if False:",
-      T + "test_one_login.py::test_a_config_that_names_another_token_endpoint_never_gets_the_stored_login"),
+      T + "test_one_login.py::test_a_config_that_names_another_token_endpoint_never_gets_the_stored_login",
+      # …and the endpoint is part of the login's name: two guards, so both go.
+      also=((D + "logins.py", '    return f"user:{client_id}" if token_url == GOOGLE_TOKEN_URL else f"user:{client_id}@{token_url}"',
+             '    return f"user:{client_id}"'),)),
     m("What a login is", "the Secret Manager secret is read at login and kept with the refresh token",
       D + "sources/user.py", '        if not reread and record.get("client_secret") and record.get("client_secret_name") == name:',
       "        if False:", T + "test_daemon.py::test_restarted_daemon_serves_without_new_login_and_reads_secret_once"),
@@ -126,7 +137,8 @@ MUTATIONS = [
       "    async def changed(self) -> bool:\n        return False\n",
       T + "test_one_login.py::test_application_default_credentials_are_read_again_when_the_file_changes"),
     m("Changing the config", "a profile asked for that iapd does not know: the file is read again at once",
-      D + "agent.py", "        if why is None and self._reload_lock.locked():", "        if True:",
+      D + "agent.py", "            await self.reload_if_changed()  # a profile just added to the file is served at once",
+      "            pass",
       T + "test_day_to_day.py::test_a_profile_added_while_the_daemon_runs_is_served_at_once"),
 
     # -- OpenID Connect ---------------------------------------------------------------------
@@ -362,26 +374,29 @@ def _drop_bytecode(path: Path) -> None:
 
 
 def check(mutation: Mutation) -> str | None:
-    path = ROOT / mutation.path
-    count = path.read_text().count(mutation.old)
-    if count != 1:
-        return f"the line to change is in {mutation.path} {count} times (expected once): update this row"
+    for name, old, _ in mutation.edits():
+        count = (ROOT / name).read_text().count(old)
+        if count != 1:
+            return f"the line to change is in {name} {count} times (expected once): update this row"
     return None
 
 
 def mutate_and_run(mutation: Mutation) -> tuple[bool, float, str]:
-    path = ROOT / mutation.path
-    dirty = subprocess.run(["git", "status", "--porcelain", "--", mutation.path], cwd=ROOT, capture_output=True, text=True)
+    names = sorted({name for name, _, _ in mutation.edits()})
+    dirty = subprocess.run(["git", "status", "--porcelain", "--", *names], cwd=ROOT, capture_output=True, text=True)
     if dirty.stdout.strip():
-        raise SystemExit(f"{mutation.path} has uncommitted changes: commit them first (this script edits it)")
-    original = path.read_bytes()
+        raise SystemExit(f"{' '.join(names)}: uncommitted changes; commit them first (this script edits them)")
+    originals = {name: (ROOT / name).read_bytes() for name in names}
     try:
-        path.write_bytes(original.replace(mutation.old.encode(), mutation.new.encode(), 1))
-        _drop_bytecode(path)
+        for name, old, new in mutation.edits():
+            path = ROOT / name
+            path.write_bytes(path.read_bytes().replace(old.encode(), new.encode(), 1))
+            _drop_bytecode(path)
         return run_tests(mutation.tests)
     finally:
-        path.write_bytes(original)
-        _drop_bytecode(path)
+        for name, original in originals.items():
+            (ROOT / name).write_bytes(original)
+            _drop_bytecode(ROOT / name)
 
 
 def table(rows: list[Mutation]) -> str:
