@@ -37,9 +37,12 @@ class Hostile(BaseHTTPRequestHandler):
         Hostile.seen.append((self.path, dict(self.headers), body))
         status, headers, payload = Hostile.answers.get(self.path.split("?")[0], (404, {}, b"{}"))
         self.send_response(status)
+        headers = dict(headers)
+        unsized = headers.pop("X-Test-Unsized", None)  # no Content-Length: the body ends at close (HTTP/1.0)
         for name, value in {"Content-Type": "application/json", **headers}.items():
             self.send_header(name, value)
-        self.send_header("Content-Length", str(len(payload)))
+        if not unsized:
+            self.send_header("Content-Length", str(len(payload)))
         self.end_headers()
         self.wfile.write(payload)
 
@@ -245,6 +248,13 @@ def test_impossible_numbers_from_an_issuer_are_refused_and_status_still_answers(
     assert resp.status == 502 and "impossible exp" in resp.json()["message"], resp.body
     assert daemon.request("GET", "/v1/status").status == 200
     assert iapctl("doctor", env=env).returncode in (0, 1)  # it reports; it does not crash
+    # An opaque access token says how long it lives only in expires_in: none (or a string) is no lifetime.
+    for expires_in in (None, "3600"):
+        answer = {"access_token": "opaque-token", **({} if expires_in is None else {"expires_in": expires_in})}
+        Hostile.answers["/token"] = (200, {}, json.dumps(answer).encode())
+        daemon, _ = start(daemon_factory, emulator, tmp_path, bot(hostile), name=f"opaque{expires_in}")
+        resp = daemon.request("GET", "/v1/token/bot")
+        assert resp.status == 502 and "without expires_in" in resp.json()["message"], resp.body
 
 
 def test_a_token_with_a_line_break_is_refused(daemon_factory, emulator, tmp_path, hostile):
@@ -257,11 +267,14 @@ def test_a_token_with_a_line_break_is_refused(daemon_factory, emulator, tmp_path
     failed(out, 6, "characters no token has")
 
 
-def test_an_oversized_answer_is_refused(daemon_factory, emulator, tmp_path, hostile):
-    Hostile.answers["/.well-known/openid-configuration"] = (200, {}, b" " * (5 * 1024 * 1024) + b"{}")
+@pytest.mark.parametrize("sized", [True, False], ids=["content-length", "read-to-the-end"])
+def test_an_oversized_answer_is_refused(daemon_factory, emulator, tmp_path, hostile, sized):
+    """Refused by its Content-Length, and — where it gives none — while it is read."""
+    headers = {} if sized else {"X-Test-Unsized": "1"}
+    Hostile.answers["/.well-known/openid-configuration"] = (200, headers, b" " * (5 * 1024 * 1024) + b"{}")
     daemon, env = start(daemon_factory, emulator, tmp_path, bot(hostile))
     resp = daemon.request("GET", "/v1/token/bot")
-    assert "more than the 4194304 accepted" in resp.json()["message"], resp.body
+    assert "more than the 4194304" in resp.json()["message"] and "accepted" in resp.json()["message"], resp.body
 
 
 def test_a_device_interval_that_is_not_a_small_positive_number_is_clamped():
