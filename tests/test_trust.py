@@ -274,7 +274,10 @@ def test_an_oversized_answer_is_refused(daemon_factory, emulator, tmp_path, host
     Hostile.answers["/.well-known/openid-configuration"] = (200, headers, b" " * (5 * 1024 * 1024) + b"{}")
     daemon, env = start(daemon_factory, emulator, tmp_path, bot(hostile))
     resp = daemon.request("GET", "/v1/token/bot")
-    assert "more than the 4194304" in resp.json()["message"] and "accepted" in resp.json()["message"], resp.body
+    message = resp.json()["message"]
+    assert "more than the 4194304" in message and "accepted" in message, resp.body
+    if sized:  # refused before a byte of the body is read
+        assert f"the answer is {5 * 1024 * 1024 + 2} bytes" in message, message
 
 
 def test_a_device_interval_that_is_not_a_small_positive_number_is_clamped():
