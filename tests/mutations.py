@@ -402,13 +402,34 @@ def mutate_and_run(mutation: Mutation) -> tuple[bool, float, str]:
             _drop_bytecode(ROOT / name)
 
 
+def _code(text: str) -> str:
+    text = text.replace("|", "\\|").replace("\n", "⏎")
+    return f"`` {text} ``" if "`" in text else f"`{text}`"
+
+
+def change(old: str, new: str, context: int = 24) -> str:
+    """What the mutation changes, as `…before…` → `…after…`: the lines' common start and end cut
+    to a little context, so that a one-character mutation shows."""
+    start = 0
+    while start < min(len(old), len(new)) and old[start] == new[start]:
+        start += 1
+    end = 0
+    while end < min(len(old), len(new)) - start and old[len(old) - 1 - end] == new[len(new) - 1 - end]:
+        end += 1
+    lead = max(0, start - context)
+    prefix = ("…" if lead else "") + old[lead:start].lstrip()
+    suffix = old[len(old) - end:][:context]
+    suffix = suffix.rstrip() + ("…" if end > context else "")
+    before, after = old[start:len(old) - end], new[start:len(new) - end]
+    return f"{_code((prefix + before + suffix).strip())} → {_code((prefix + after + suffix).strip()) if (prefix + after + suffix).strip() else '(removed)'}"
+
+
 def table(rows: list[Mutation]) -> str:
     lines = ["| README section | promise | test | mutation that makes it fail |", "|---|---|---|---|"]
     for r in rows:
         tests = "<br>".join(f"`{t.removeprefix('tests/')}`" for t in r.tests)
-        first = r.old.strip().splitlines()[0]
-        lines.append(f"| {r.section} | {r.promise} | {tests} | `{r.path.split('/', 1)[1]}`: `{first[:70]}` → "
-                     f"`{r.new.strip().splitlines()[0][:50]}` |")
+        more = f"; and {len(r.also)} more (guards layered on purpose)" if r.also else ""
+        lines.append(f"| {r.section} | {r.promise} | {tests} | `{r.path.split('/', 1)[1]}`: {change(r.old, r.new)}{more} |")
     return "\n".join(lines)
 
 
