@@ -217,7 +217,7 @@ MUTATIONS = [
       T + "test_local_users.py::test_the_secret_manager_child_never_imports_from_the_working_directory"),
     m("Security model", "the login listener's one-time start URL works once",
       D + "login.py", "        if flow.browser_started or flow.done.done():", "        if flow.done.done():",
-      T + "test_local_users.py::test_another_user_cannot_take_over_a_login_from_the_browsers_argv"),
+      T + "test_local_users.py::test_the_login_start_url_works_once"),
     m("Security model", "stray requests to the login listener get an error page and do not end the login",
       D + "login.py", '        if params.get("state") != flow.state or flow.done.done() or flow.finishing:',
       "        if flow.done.done() or flow.finishing:", T + "test_daemon.py::test_stray_requests_do_not_break_the_login"),

@@ -216,6 +216,21 @@ def test_another_user_cannot_take_over_a_login_from_the_browsers_argv(daemon, em
     assert "login listener: refused" in daemon.logs()
 
 
+def test_the_login_start_url_works_once(daemon):
+    """The browser's argv is readable by every local user: the start URL in it opens the login
+    once (302 to the sign-in), and is refused after that (409) — the login itself goes on."""
+    started = daemon.request("POST", "/v1/login/demo-user").json()
+
+    def status_of_start_url() -> str:
+        return subprocess.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "10",
+                               started["browser_url"]], capture_output=True, text=True, timeout=30).stdout
+
+    assert status_of_start_url() == "302"
+    assert status_of_start_url() == "409"
+    browse(started["auth_url"])  # the browser that opened it signs in
+    assert daemon.request("GET", "/v1/login/demo-user?wait=20").json()["state"] == "done"
+
+
 def test_a_login_pinned_to_an_account_refuses_another(daemon_factory, emulator, tmp_path):
     config = tmp_path / "pinned.toml"
     config.write_text(emulator.config_path.read_text().replace(
