@@ -216,6 +216,22 @@ def test_another_user_cannot_take_over_a_login_from_the_browsers_argv(daemon, em
     assert "login listener: refused" in daemon.logs()
 
 
+def test_the_login_listener_drops_a_connection_that_sends_nothing(daemon_factory):
+    """A connection to the listener that sends no request is closed after header_timeout_seconds
+    (1 s here; 10 by default) — awaited as the close itself — and the login goes on."""
+    from urllib.parse import urlsplit
+
+    daemon = daemon_factory("header_timeout_seconds = 1\n", name="drops")
+    started = daemon.request("POST", "/v1/login/demo-user").json()
+    with socket.create_connection(("127.0.0.1", urlsplit(started["browser_url"]).port), timeout=15) as idle:
+        opened = time.monotonic()
+        assert idle.recv(1) == b""  # the listener hung up (15 s without it: socket.timeout)
+        held = time.monotonic() - opened
+    assert 0.5 <= held < 8, held
+    browse(started["browser_url"])
+    assert daemon.request("GET", "/v1/login/demo-user?wait=20").json()["state"] == "done"
+
+
 def test_the_login_start_url_works_once(daemon):
     """The browser's argv is readable by every local user: the start URL in it opens the login
     once (302 to the sign-in), and is refused after that (409) — the login itself goes on."""

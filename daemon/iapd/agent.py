@@ -53,7 +53,8 @@ class Agent:
         self.source_context = SourceContext(session, clock, config.endpoints, config.daemon.http_timeout_seconds,
                                             GoogleAuth(config.daemon.http_timeout_seconds))
         self.cache = TokenCache(config.daemon, clock)
-        self.logins = LoginManager(config.daemon.login_timeout_seconds, self.cache.forget)  # the flows that make logins
+        self.logins = LoginManager(config.daemon.login_timeout_seconds, self.cache.forget,
+                                   config.daemon.header_timeout_seconds)  # the flows that make logins
         self.accounts = Logins(store)  # the logins they made: one object per login, for the daemon's life
         self.profiles: dict[str, Profile] = {}
         self.sources: dict[str, TokenSource] = {}
@@ -141,6 +142,7 @@ class Agent:
         # entry, without the old one's error and backoff); its login, if the same, is kept.
         self.cache.settings = new.daemon
         self.logins.timeout = new.daemon.login_timeout_seconds
+        self.logins.header_timeout = new.daemon.header_timeout_seconds
         adhoc = {name: self.profiles[name] for name in self.adhoc if name in self.profiles}
         previous_sources = self.sources
         self.profiles, self.sources = {}, {}

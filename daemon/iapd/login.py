@@ -84,8 +84,9 @@ class LoginFlow:
 
 
 class LoginManager:
-    def __init__(self, timeout: float, on_login) -> None:
+    def __init__(self, timeout: float, on_login, header_timeout: float = 10.0) -> None:
         self.timeout = timeout
+        self.header_timeout = header_timeout  # a connection to the listener that sends no request is dropped
         self.on_login = on_login  # callback(credential_key) after a successful login
         self.flows: dict[str, LoginFlow] = {}
         self.opening: dict[str, asyncio.Task] = {}  # flows being set up (the secret is read first)
@@ -189,7 +190,8 @@ class LoginManager:
         # person pastes it through the uid-checked socket.
         checkable = can_check_loopback_peers()
         identify = loopback_peer_uid if checkable else (lambda _transport: os.getuid())
-        gate = Gate("login listener", identify, header_timeout=10.0, max_connections=LISTENER_MAX_CONNECTIONS)
+        gate = Gate("login listener", identify, header_timeout=self.header_timeout,
+                    max_connections=LISTENER_MAX_CONNECTIONS)
         await GuardedSite(runner, sock, gate).start()
         port = sock.getsockname()[1]
         redirect_uri = credential.redirect_uri(port)
