@@ -248,7 +248,7 @@ def test_service_account_key_file_profile(daemon, emulator):
     assert iap_admits(emulator, token)
 
 
-def test_errors_are_json_with_codes(daemon):
+def test_errors_are_json_with_codes(daemon, emulator):
     unknown = daemon.request("GET", "/v1/token/nope")
     assert unknown.status == 404 and unknown.json()["error"] == "unknown_profile"
     assert "demo-user" in unknown.json()["message"]
@@ -257,6 +257,12 @@ def test_errors_are_json_with_codes(daemon):
     sa_login = daemon.request("POST", "/v1/login/demo-sa")
     assert sa_login.status == 400 and "service account" in sa_login.json()["message"]
     assert daemon.request("GET", "/healthz").json() == {"ok": True}
+    # An ad-hoc profile's name belongs to one definition: the same name with other settings is refused.
+    key = str(emulator.config_path.parent / "emulator-sa-key.json")
+    mine = {"name": "adhoc-0123456789abcdef", "audience": IAP, "service_account": {"kind": "key_file", "key_file": key}}
+    assert daemon.request("POST", "/v1/adhoc/token", mine).status == 200
+    taken = daemon.request("POST", "/v1/adhoc/token", {**mine, "audience": "another-audience"})
+    assert taken.status == 400 and "exists with another definition" in taken.json()["message"], taken.body
 
 
 def test_status_never_contains_a_token(daemon):
