@@ -273,12 +273,13 @@ MUTATIONS = [
       D + "server.py", "        if not math.isfinite(wait):", "        if False:",
       T + "test_local_users.py::test_wait_must_be_a_finite_number"),
     m("Start at login", "a live socket is never stolen; a stale one is replaced",
-      D + "server.py", "        if not stat.S_ISSOCK(mode):", "        if False:",
+      D + "server.py", '            raise SystemExit(f"iapd: another iapd is already serving on {target}")',
+      "            target.unlink()",
       T + "test_daemon.py::test_live_socket_not_stolen_stale_socket_replaced"),
 
     # -- service accounts, signed JWTs -------------------------------------------------------
     m("CI with service accounts", "a service account profile without an audience is a clear error",
-      D + "sources/service_account.py", "    return audience\n", "    return audience or \"\"\n",
+      D + "sources/service_account.py", "    if not audience:\n        raise ConfigProblem(", "    if False:\n        raise ConfigProblem(",
       T + "test_service_accounts.py::test_service_account_without_audience_is_a_clear_error"),
     m("Signed JWTs", "the emulated IAP refuses a signed JWT whose `aud` does not cover the URL",
       D + "emulator/iap.py", '    return aud == url or (aud.endswith("/*") and url.startswith(aud[:-1]))', "    return True",
