@@ -358,6 +358,78 @@ MUTATIONS = [
       D + "emulator/iap.py", '                if request.headers.get("X-Requested-With", "").lower() == "xmlhttprequest":',
       "                if True:", T + "test_iap_browser.py::test_flytes_own_login_behind_iap_completes_in_a_browser_that_keeps_cookies"),
 
+    # -- logging in, wherever you are --------------------------------------------------------
+    m("Logging in", "Ctrl-C cancels the login in the daemon; the next one starts afresh",
+      C + "autologin.py", "    except KeyboardInterrupt:\n        cancel(profile)\n", "    except KeyboardInterrupt:\n        pass\n",
+      T + "test_login_terminal.py::test_ctrl_c_cancels_the_login_and_the_next_one_starts_afresh"),
+    m("Logging in", "two logins at once share one flow (one browser tab, one listener)",
+      D + "login.py", "        if flow is not None and not flow.done.done():\n            return flow, True",
+      "        if False:\n            return flow, True",
+      T + "test_login_terminal.py::test_two_logins_at_once_share_one_flow_and_one_listener"),
+    m("Logging in", "over SSH, the exact `ssh -N -L` line to forward the login's port",
+      C + "autologin.py", '    if not os.environ.get("SSH_CONNECTION") or not redirect_uri:', "    if True:",
+      T + "test_login_terminal.py::test_over_ssh_the_terminal_shows_the_exact_port_forward_and_a_forwarded_login_completes"),
+    m("What a login is", "a new login revokes the grant it replaces",
+      D + "logins.py", '        if previous and previous != record["refresh_token"]:', "        if False:",
+      T + "test_faithful.py::test_a_new_login_revokes_the_refresh_token_it_replaces"),
+    m("Changing the config", "a config that does not parse is refused by `iapctl reload` (exit 5); the old one serves",
+      C + "commands.py", '    if not result.get("reloaded"):', "    if False:",
+      T + "test_day_to_day.py::test_a_broken_edit_keeps_the_old_config_serving_and_unchanged_profiles_keep_their_tokens"),
+
+    # -- OpenID Connect, continued ------------------------------------------------------------
+    m("Any OpenID Connect issuer", "a confidential client uses `client_secret_basic` unless only `client_secret_post` is offered",
+      D + "sources/oidc.py", '        if "client_secret_basic" in methods or "client_secret_post" not in methods:', "        if False:",
+      T + "test_oidc.py::test_client_credentials_with_the_auth_method_discovery_offers"),
+    m("Any OpenID Connect issuer", "discovery falls back to RFC 8414's `/.well-known/oauth-authorization-server`",
+      D + "sources/oidc.py", 'f"{parts.scheme}://{parts.netloc}/.well-known/oauth-authorization-server{parts.path}"]',
+      'f"{parts.scheme}://{parts.netloc}/.well-known/openid-configuration{parts.path}"]',
+      T + "test_oidc.py::test_an_issuer_without_openid_discovery_is_found_by_rfc_8414"),
+    m("Any OpenID Connect issuer", "device polling backs off through a 5xx rather than ending the login",
+      D + "sources/oidc.py", "            except UpstreamUnavailable:\n                backoff = min(max(backoff * 2, interval), MAX_DEVICE_INTERVAL)\n                continue",
+      "            except ZeroDivisionError:\n                backoff = min(max(backoff * 2, interval), MAX_DEVICE_INTERVAL)\n                continue",
+      T + "test_one_login.py::test_the_device_grant_keeps_polling_through_a_transient_failure"),
+    m("Any OpenID Connect issuer", "PKCE (S256) on every authorization request",
+      D + "sources/oidc.py", '"code_challenge": challenge,', '"code_challenge_": challenge,',
+      T + "test_oidc.py::test_authorization_code_with_pkce_then_rotation_with_reuse_detection"),
+    m("Any OpenID Connect issuer", "the expiry given (`--format json`, exec-credential) is the token's own less `margin_seconds`",
+      D + "server.py", "        left = max(served.remaining(agent.clock) - agent.cache.margin_of(served), 0.0)",
+      "        left = max(served.remaining(agent.clock), 0.0)",
+      T + "test_one_login.py::test_the_advertised_expiry_is_the_tokens_less_the_margin"),
+    m("Any OpenID Connect issuer", "a `via` profile's token is sent to its issuer as `Proxy-Authorization`",
+      D + "sources/oidc.py", "        if self.proxy_token is None or _origin(url) != _origin(self.config.issuer):",
+      "        if True:", T + "test_oidc.py::test_an_issuer_behind_iap_is_reached_via_another_profiles_token"),
+
+    # -- service accounts ---------------------------------------------------------------------
+    m("CI with service accounts", "the metadata server is asked with `Metadata-Flavor: Google`",
+      D + "sources/service_account.py", 'params={"audience": audience, "format": "full"}, headers={"Metadata-Flavor": "Google"})',
+      'params={"audience": audience, "format": "full"}, headers={})',
+      T + "test_service_accounts.py::test_each_kind_yields_a_token_iap_admits"),
+    m("CI with service accounts", "`key_file`: the JWT-bearer grant with `target_audience`",
+      D + "sources/service_account.py", '"target_audience": audience}', '"target_audience": "x" + audience}',
+      T + "test_daemon.py::test_service_account_key_file_profile"),
+
+    # -- commands: service, completion, status -----------------------------------------------
+    m("Start at login", "`service install` changes nothing where no user manager is reachable, and says so",
+      C + "service.py", "    if why is not None:\n        raise Failure(f\"{why}; nothing was installed.", "    if False:\n        raise Failure(f\"{why}; nothing was installed.",
+      T + "test_day_to_day.py::test_service_install_without_a_user_manager_changes_nothing_and_says_why"),
+    m("Security model", "`service install` refuses a path with a control character (a newline would add a directive)",
+      C + "service.py", "    if not value.isprintable():\n        raise Failure(f\"cannot write a systemd unit", "    if False:\n        raise Failure(f\"cannot write a systemd unit",
+      T + "test_service.py::test_install_refuses_a_path_that_would_add_directives"),
+    m("Commands", "completion offers the config's profiles — not those of a config others could write",
+      C + "completion.py", "    if paths.unsafe_file(path) is not None:", "    if False:",
+      T + "test_completion.py::test_the_profiles_of_an_unsafe_config_are_not_offered"),
+    m("Start at login", "socket activation: iapd takes the socket systemd passes it",
+      D + "server.py", '    if os.environ.get("LISTEN_PID") != str(os.getpid()):', "    if True:",
+      T + "test_service.py::test_socket_activation_starts_the_daemon_on_first_token"),
+
+    # -- secrets stay secret -----------------------------------------------------------------
+    m("Security model", "libraries that would log request bodies are kept at warning",
+      D + "daemon.py", '    for name in ("aiohttp.access", "google", "urllib3", "grpc"):', '    for name in ("aiohttp.access",):',
+      T + "test_hardening.py::test_no_secret_ever_logged"),
+    m("Security model", "logs name a token by a short hash, never the token",
+      D + "cache.py", "fingerprint(token.value), token.lifetime", "token.value, token.lifetime",
+      T + "test_hardening.py::test_no_secret_ever_logged"),
+
 ]
 
 
