@@ -99,6 +99,18 @@ def test_setup_refuses_what_it_cannot_use_and_writes_nothing(daemon, emulator, t
     assert daemon.config.read_text() == before
 
 
+def test_setup_refuses_to_write_a_config_the_daemon_does_not_read(daemon, emulator, tmp_path):
+    """IAPD_CONFIG names a copy, the daemon serves the original: a profile written there would
+    never be served, so setup says which file iapd reads and writes nothing."""
+    other = tmp_path / "other.toml"
+    other.write_text(daemon.config.read_text())
+    other.chmod(0o600)
+    out = iapctl("setup", emulator.url("iap_url") + "/", "--profile", "x",
+                 env={**setup_env(daemon, tmp_path), "IAPD_CONFIG": str(other)})
+    assert out.returncode == 5 and f"iapd reads {daemon.config}, not {other}" in out.stderr, out.stderr
+    assert other.read_text() == daemon.config.read_text()
+
+
 # -- doctor URL ---------------------------------------------------------------------------------
 
 def with_profiles(daemon, text: str) -> None:
