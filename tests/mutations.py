@@ -19,6 +19,7 @@ same size in the same second would otherwise leave Python running stale bytecode
 from __future__ import annotations
 
 import argparse
+import signal
 import subprocess
 import sys
 import time
@@ -508,6 +509,9 @@ def main() -> int:
     parser.add_argument("--table", action="store_true", help="print the Markdown table for tests/README.md")
     parser.add_argument("--only", action="append", default=[], help="rows whose promise, file or test contains this")
     args = parser.parse_args()
+    # A SIGTERM (a timeout, a CI runner stopping) must still put every file back: `finally` runs
+    # only for exceptions, and Python's default SIGTERM is no exception.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     rows = [r for r in MUTATIONS if not args.only
             or any(s in f"{r.promise} {r.path} {' '.join(r.tests)}" for s in args.only)]
     if args.table:
