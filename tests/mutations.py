@@ -548,7 +548,7 @@ def main() -> int:
     # only for exceptions, and Python's default SIGTERM is no exception.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     rows = [r for r in MUTATIONS if not args.only
-            or any(s in f"{r.promise} {r.path} {' '.join(r.tests)}" for s in args.only)]
+            or any(s in f"{r.section} {r.promise} {r.path} {' '.join(r.tests)}" for s in args.only)]
     if args.table:
         print(table(rows))
         return 0
