@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test bench clean
+.PHONY: demo test bench mutations clean
 
 $(STAMP): pyproject.toml client/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +45,11 @@ test: $(STAMP) $(OP_STAMP) $(KEYRING_STAMP)
 
 demo: $(STAMP)
 	$(BIN)/python scripts/demo.py
+
+# Every README promise's test, proven able to fail: each guarding line mutated in turn, its test
+# run, the file put back (tests/mutations.py; ~25 minutes on 2 cores). Not part of `make test`.
+mutations: $(STAMP) $(OP_STAMP) $(KEYRING_STAMP)
+	$(BIN)/python tests/mutations.py
 
 # Benchmarks print ratios measured side by side in one run; thresholds live here, not in tests.
 bench: $(STAMP)
