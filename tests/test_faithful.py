@@ -258,6 +258,15 @@ def test_error_kinds_are_told_apart_and_retried_as_they_deserve(daemon_factory, 
     def token(profile: str) -> subprocess.CompletedProcess:
         return subprocess.run([IAPCTL, "token", profile], env=env, capture_output=True, text=True, timeout=60)
 
+    shift = 0.0
+
+    def later() -> None:
+        """A minute on, by the daemon's clocks: far past the transient backoff's cap (0.2 s), so
+        a transient error would be retried by the next request; a refusal waits an hour."""
+        nonlocal shift
+        shift += 60
+        daemon.set_clock(shift, shift)
+
     # A configuration problem: exit 5, said once, never retried.
     out = token("key-missing")
     assert out.returncode == 5 and "does not exist" in out.stderr and "try again" not in out.stderr
@@ -266,7 +275,7 @@ def test_error_kinds_are_told_apart_and_retried_as_they_deserve(daemon_factory, 
     for _ in range(2):
         out = token("impersonate-denied")
         assert out.returncode == 6 and "retrying will not help" in out.stderr and "try again" not in out.stderr
-        time.sleep(0.3)  # longer than the transient backoff's cap: a transient error would be retried
+        later()
     assert emulator.counters()["iam_credentials"] == 1
     assert daemon.profile_status("impersonate-denied")["state"] == "refused"
     # A wrong IAP client id (the flyte-iap drop-in's --webapp_client_id) is such a refusal too...
@@ -275,7 +284,7 @@ def test_error_kinds_are_told_apart_and_retried_as_they_deserve(daemon_factory, 
     for _ in range(2):
         out = token("wrong-audience")
         assert out.returncode == 6 and "invalid_audience" in out.stderr and "try again" not in out.stderr
-        time.sleep(0.3)
+        later()
     assert emulator.counters()[refused] == 1
     # ...which a new login retries at once.
     daemon.login()

@@ -75,19 +75,26 @@ def test_invalid_rapt_stops_all_refreshing_until_login(daemon_factory, emulator)
     assert emulator.counters()["token"] == 1
 
 
-@pytest.mark.parametrize("offset", [-3000, 3000])
-def test_skewed_idp_clock_still_renews_on_time(daemon_factory, emulator, offset):
-    emulator.settings(clock_offset=offset, token_lifetime=5)
-    daemon = daemon_factory(FAST)
+@pytest.mark.parametrize("skew", [-3000, 3000])
+def test_skewed_idp_clock_still_renews_on_time(daemon_factory, emulator, skew):
+    """The IdP's clock 50 minutes behind or ahead of ours. Lifetimes are counted from receipt,
+    so renewals come as often as without skew: two hours of one-hour tokens (the daemon's and
+    the emulator's clocks moved five minutes a step), two renewals, and no request waits."""
+    emulator.settings(clock_offset=skew)
+    daemon = daemon_factory("")
     daemon.login()
+    daemon.token("demo-user")
     emulator._post("reset_counters")
-    started = time.monotonic()
-    while time.monotonic() - started < 6:
+    waited = daemon.profile_status("demo-user")["waited_requests"]
+    for step in range(1, 2 * 12 + 1):
+        offset = step * 300
+        emulator.settings(clock_offset=skew + offset)
+        daemon.set_clock(offset, offset)
         daemon.token("demo-user")
-        time.sleep(0.1)
-    # Lifetimes are counted from receipt, so the IdP's skew changes nothing: ~1 fetch + 2 renewals.
-    assert 2 <= emulator.counters()[f"refresh:{IAP}"] <= 4
-    assert daemon.profile_status("demo-user")["waited_requests"] <= 1  # only the first, cold request
+        wait_for(lambda: daemon.profile_status("demo-user")["next_renewal_in"] != 0, what="a due renewal")
+    # 120 minutes, renewed with 12–15 of 60 left: at ~46 and ~92 minutes.
+    assert emulator.counters()[f"refresh:{IAP}"] == 2
+    assert daemon.profile_status("demo-user")["waited_requests"] == waited
 
 
 # -- kill -9 --------------------------------------------------------------------------------
