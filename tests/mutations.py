@@ -462,6 +462,38 @@ MUTATIONS = [
       "    if False:\n        return google_error(*UNAUTHENTICATED)",
       T + "test_emulator.py::test_secret_manager_client_with_endpoint_override"),
 
+    # -- the proxy, the rest -----------------------------------------------------------------
+    m("A local proxy", "no hop-by-hop header is forwarded, including those named in `Connection`",
+      D + "proxy.py", "        if lower in HOP_BY_HOP or lower in named or lower in drop:", "        if lower in HOP_BY_HOP or lower in drop:",
+      T + "test_proxy.py::test_hop_by_hop_headers_and_the_callers_proxy_authorization_are_not_forwarded"),
+    m("A local proxy", "no token to be had: a 503 with iapd's reason (`run iapctl login P`)",
+      D + "proxy.py", 'return _plain(503, f"login required for profile {who} ({exc.message}): run `iapctl login {who}`")',
+      'return _plain(503, f"no token for profile {who}")',
+      T + "test_proxy.py::test_no_token_is_a_503_naming_the_login_and_no_upstream_a_502"),
+    m("A local proxy", "WebSocket upgrades are relayed message by message",
+      D + "proxy.py", '        if request.headers.get("Upgrade", "").lower() == "websocket":', "        if False:",
+      T + "test_proxy.py::test_a_websocket_goes_through_the_proxy_and_iap"),
+    m("A local proxy", "the upstream through `[daemon] environment`'s network proxy, looked up once",
+      D + "proxy.py", "        self.network_proxy = network_proxy_for(self.upstream)", "        self.network_proxy = None",
+      T + "test_proxy.py::test_the_network_proxy_is_taken_from_the_environment_once"),
+    m("A local proxy", "where the kernel cannot say who connects, a TCP proxy does not start",
+      D + "proxy.py", "        if not can_check_loopback_peers():", "        if False:",
+      T + "test_proxy.py::test_where_peers_cannot_be_told_apart_a_tcp_proxy_does_not_start"),
+
+    # -- the client's distribution, doctor, the state directory ------------------------------
+    m("Install and first use", "the `iapctl` distribution is the standard library only: no dependencies",
+      "client/pyproject.toml", "dependencies = []", 'dependencies = ["requests"]',
+      T + "test_packaging.py::test_the_client_wheel_alone_has_no_dependencies_and_works"),
+    m("Any OpenID Connect issuer", "`iapctl doctor` names a flytekit older than 1.16.24 (no `authType: iapd`)",
+      C + "doctor.py", "    if numbers < MIN_FLYTEKIT:", "    if False:",
+      T + "test_flytekit_plugin.py::test_doctor_names_a_flytekit_too_old_for_authtype_iapd"),
+    m("Security model", "iapctl waits for the autostart lock no longer than its own timeout",
+      C + "autostart.py", "            if time.monotonic() >= deadline:\n                raise Failure(", "            if False:\n                raise Failure(",
+      T + "test_client.py::test_autostart_waits_for_its_lock_no_longer_than_the_clients_timeout"),
+    m("Security model", "the state directory is refused if it is a symlink",
+      C + "paths.py", "    if os.path.islink(path):", "    if False:",
+      T + "test_hardening.py::test_world_writable_socket_dir_and_symlinked_state_dir_are_refused"),
+
 ]
 
 

@@ -322,3 +322,19 @@ def test_help_documents_exit_codes(env):
     assert out.returncode == 0
     for code, words in [(3, "not running"), (4, "login required"), (5, "unknown profile"), (6, "Google")]:
         assert re.search(rf"^\s+{code}\s+.*{words}", out.stdout, re.M), (code, out.stdout)
+
+
+def test_autostart_waits_for_its_lock_no_longer_than_the_clients_timeout(tmp_path):
+    """Whoever holds the autostart lock (a stuck iapctl) cannot hang `iapctl token`: it gives up
+    at its own deadline and says what happened."""
+    import fcntl
+
+    state = tmp_path / "state" / "iapd"
+    state.mkdir(parents=True, mode=0o700)
+    env = {**os.environ, "IAPD_SOCKET": str(tmp_path / "run" / "iapd.sock"), "XDG_STATE_HOME": str(tmp_path / "state"),
+           "IAPD_CONFIG": str(tmp_path / "none.toml"), "IAPCTL_TIMEOUT": "1", "IAPD_AUTO_LOGIN": "0", "DISPLAY": ""}
+    env.pop("IAPD_AUTOSTART", None)
+    with open(state / "autostart.lock", "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        out = iapctl("token", "p", env=env, timeout=30)
+    failed(out, 3, "the autostart lock is held")

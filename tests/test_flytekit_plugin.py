@@ -3,6 +3,9 @@ stand-in that advertises its own header key, as flyteadmin's `authorization_meta
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from concurrent import futures
 
 import pytest
@@ -96,3 +99,16 @@ print([p.id for p in RawSynchronousFlyteClient(cfg).list_projects().projects])
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "['flytesnacks']", out.stderr[-2000:]
     assert seen and HEADER in seen[-1]
+
+
+def test_doctor_names_a_flytekit_too_old_for_authtype_iapd(tmp_path):
+    """flytekit before 1.16.24 has no `flytekit.auth` entry points: `authType: iapd` would fall
+    back to a browser login of its own. The version doctor finds is the one on sys.path first."""
+    old = tmp_path / "site" / "flytekit-1.10.0.dist-info"
+    old.mkdir(parents=True)
+    (old / "METADATA").write_text("Metadata-Version: 2.1\nName: flytekit\nVersion: 1.10.0\n")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "site"), "IAPD_AUTOSTART": "0",
+           "IAPD_SOCKET": str(tmp_path / "run" / "iapd.sock"), "IAPD_CONFIG": str(tmp_path / "none.toml"),
+           "XDG_STATE_HOME": str(tmp_path / "state")}
+    out = subprocess.run([sys.executable, "-m", "iapctl", "doctor"], env=env, capture_output=True, text=True, timeout=60)
+    assert "PROBLEM  flytekit: 1.10.0 is older than 1.16.24" in out.stdout, out.stdout

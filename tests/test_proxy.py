@@ -237,3 +237,19 @@ def test_a_client_that_leaves_mid_download_costs_nothing(daemon_factory, emulato
     # The daemon goes on serving, and said nothing worse than a line about it.
     assert requests.get(f"{url}/x", timeout=10).status_code == 200
     assert "Traceback" not in daemon.logs()
+
+
+def test_where_peers_cannot_be_told_apart_a_tcp_proxy_does_not_start(daemon_factory, emulator, tmp_path):
+    """Fail closed: with neither sock_diag nor /proc/net/tcp (systemd's ProcSubset=pid and
+    RestrictAddressFamilies=) nobody's uid can be told on TCP loopback, so the TCP proxy stays
+    down and says why; a unix-socket proxy (0600) serves on."""
+    from test_trust import NO_NETLINK, PROC_SUBSET_PID, confined
+
+    unix = tmp_path / "px.sock"
+    config, _ = with_proxy(emulator, tmp_path, extra=f'\n[profiles.demo-user.proxy]\nlisten = "{unix}"\n'
+                                                     f'upstream = "{emulator.url("iap_url")}"\n')
+    daemon = daemon_factory(config=config, name="closed", start=False)
+    daemon.start(prefix=[*confined(*PROC_SUBSET_PID), *confined(*NO_NETLINK)])
+    proxies = {p["name"]: p["proxy"] for p in daemon.status()["profiles"] if p["proxy"]}
+    assert proxies["demo-sa"]["state"] == "error" and "cannot tell who connects over TCP" in proxies["demo-sa"]["error"]
+    assert proxies["demo-user"]["state"] == "listening", proxies
