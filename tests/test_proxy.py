@@ -253,3 +253,129 @@ def test_where_peers_cannot_be_told_apart_a_tcp_proxy_does_not_start(daemon_fact
     proxies = {p["name"]: p["proxy"] for p in daemon.status()["profiles"] if p["proxy"]}
     assert proxies["demo-sa"]["state"] == "error" and "cannot tell who connects over TCP" in proxies["demo-sa"]["error"]
     assert proxies["demo-user"]["state"] == "listening", proxies
+
+
+# -- the upstream over TLS, through a corporate proxy -----------------------------------------
+
+def _tls_pair(folder):
+    """A CA of the test's own and a certificate it signed for localhost: (ca.pem, cert.pem, key.pem)."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "iapd test CA")])
+    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
+          .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+          .not_valid_after(now + datetime.timedelta(days=1))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+          .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True)
+          .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
+          .sign(ca_key, hashes.SHA256()))
+    leaf = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]))
+            .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
+            .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    paths = folder / "ca.pem", folder / "cert.pem", folder / "key.pem"
+    paths[0].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    paths[1].write_bytes(leaf.public_bytes(serialization.Encoding.PEM))
+    paths[2].write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return paths
+
+
+@pytest.fixture
+def tls_app(tmp_path):
+    """An HTTPS app on localhost that answers with the headers it got, and a CONNECT proxy that
+    records what it sees in the clear (a corporate proxy): (app port, proxy port, CA file, seen)."""
+    import ssl
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    from socketserver import StreamRequestHandler, ThreadingTCPServer
+
+    ca, cert, key = _tls_pair(tmp_path)
+
+    class App(BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = json.dumps(dict(self.headers)).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    app = ThreadingHTTPServer(("127.0.0.1", 0), App)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    # The handshake in the handler's thread, not in accept(): a stalled one must not stall the server.
+    app.socket = context.wrap_socket(app.socket, server_side=True, do_handshake_on_connect=False)
+    seen: list[bytes] = []
+
+    class Connect(StreamRequestHandler):
+        def handle(self):
+            head = b""
+            while not head.endswith(b"\r\n\r\n"):
+                line = self.rfile.readline()
+                if not line:
+                    return
+                head += line
+            seen.append(head)
+            target = head.split()[1].decode()
+            host, _, port = target.rpartition(":")
+            upstream = socket.create_connection(("127.0.0.1" if host == "localhost" else host, int(port)), timeout=10)
+            self.wfile.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+            self.wfile.flush()
+
+            def pipe(src, dst):
+                try:
+                    while chunk := src.recv(65536):
+                        dst.sendall(chunk)
+                except OSError:
+                    pass
+                finally:
+                    dst.close()
+
+            threading.Thread(target=pipe, args=(upstream, self.connection), daemon=True).start()
+            pipe(self.connection, upstream)
+
+    ThreadingTCPServer.allow_reuse_address = True
+    proxy = ThreadingTCPServer(("127.0.0.1", 0), Connect)
+    proxy.daemon_threads = True
+    for server in (app, proxy):
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield app.server_address[1], proxy.server_address[1], ca, seen
+    for server in (app, proxy):
+        server.shutdown()
+
+
+def test_a_tls_upstream_is_verified_and_reached_through_the_daemons_corporate_proxy(daemon_factory, emulator,
+                                                                                  tmp_path, tls_app):
+    """The upstream over TLS, its certificate checked against the trust store `[daemon]
+    environment` names (SSL_CERT_FILE), through the HTTPS_PROXY it names: the corporate proxy
+    sees a CONNECT and no token; the app sees the token. With the system's trust store alone the
+    test CA's certificate is refused: a 502, no token sent."""
+    app_port, proxy_port, ca, seen = tls_app
+    config, url = with_proxy(emulator, tmp_path, upstream=f"https://localhost:{app_port}")
+    network = f'HTTPS_PROXY = "http://127.0.0.1:{proxy_port}", NO_PROXY = "127.0.0.1"'
+    daemon = daemon_factory(f'environment = {{ SSL_CERT_FILE = "{ca}", {network} }}\n', config=config, name="tls")
+    resp = requests.get(f"{url}/app", timeout=20)
+    assert resp.status_code == 200, resp.text
+    token = daemon.token("demo-sa")
+    assert resp.json()["Proxy-Authorization"] == f"Bearer {token}"
+    assert len(seen) == 1 and seen[0].startswith(f"CONNECT localhost:{app_port} HTTP/1.1".encode()), seen
+    assert b"Bearer" not in seen[0] and token.encode() not in seen[0]
+
+    config, url = with_proxy(emulator, tmp_path, upstream=f"https://localhost:{app_port}")  # a port of its own
+    daemon_factory(f"environment = {{ {network} }}\n", config=config, name="tls-untrusted")
+    refused = requests.get(f"{url}/app", timeout=20)
+    assert refused.status_code == 502 and "certificate" in refused.text.lower(), refused.text
