@@ -391,9 +391,9 @@ def test_an_idle_audience_stops_being_renewed_ahead_of_time(daemon_factory, emul
     daemon.token("demo-user")
     assert daemon.profile_status("demo-user")["next_renewal_in"] is not None
     emulator._post("reset_counters")
-    time.sleep(1.6)  # nobody asks for 1 s: the audience is idle (the clock itself is under test here)
+    daemon.set_clock(0, 1.6)  # nobody asks for 1.6 s of the daemon's monotonic clock: the audience is idle
     assert daemon.profile_status("demo-user")["next_renewal_in"] is None
-    daemon.set_clock(3600 - 600)  # renewal would be due now ...
+    daemon.set_clock(3600 - 600, 1.6)  # renewal would be due now ...
     daemon.supervisor_passes(3)  # ... the supervisor looks three times ...
     assert emulator.counters().get("token", 0) == 0  # ... and the IdP sees nothing
     daemon.token("demo-user")  # on demand it is served at once, and renewal resumes behind it
