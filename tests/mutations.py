@@ -498,6 +498,16 @@ MUTATIONS = [
       C + "paths.py", "    if os.path.islink(path):", "    if False:",
       T + "test_hardening.py::test_world_writable_socket_dir_and_symlinked_state_dir_are_refused"),
 
+    # -- the Python API ----------------------------------------------------------------------
+    m("Any OpenID Connect issuer", "the Python API's errors are `iapctl.LoginRequired` and its kin, each with `iapctl token`'s exit code",
+      C + "api.py", "        raise _BY_EXIT_CODE.get(exc.code, IapdError)(exc.message, profile) from None",
+      "        raise IapdError(exc.message, profile) from None",
+      T + "test_python_api.py::test_errors_carry_the_cause_and_the_exit_code"),
+    m("Any OpenID Connect issuer", "`iapctl.BearerAuth` puts a fresh token under the header asked for",
+      C + "api.py", '        request.headers[self.header] = f"Bearer {token(self.profile)}"',
+      '        request.headers["X-Token"] = f"Bearer {token(self.profile)}"',
+      T + "test_python_api.py::test_bearer_auth_reaches_the_app_behind_iap"),
+
 ]
 
 
