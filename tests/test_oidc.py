@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from conftest import start_emulator, stop_process
+from conftest import self_signed_certificate, start_emulator, stop_process
 from iapd.jwt import unverified_claims
 from test_client import CURL_BROWSER, IAPCTL, failed, iapctl
 
@@ -311,31 +311,6 @@ def test_kubectl_takes_its_credential_from_iapctl(daemon_factory, emulator, tmp_
     assert out.returncode == 0, out.stderr
     token = iapctl("token", "bot", env=env_of(daemon, tmp_path)).stdout.strip()
     assert seen and seen[-1] == f"Bearer {token}"
-
-
-def self_signed_certificate(folder) -> tuple:
-    import datetime
-    import ipaddress
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import rsa
-    from cryptography.x509.oid import NameOID
-
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(hours=1))
-            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
-            .sign(key, hashes.SHA256()))
-    cert_path, key_path = folder / "api.crt", folder / "api.key"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
-                                           serialization.NoEncryption()))
-    return cert_path, key_path
 
 
 def test_an_issuer_without_openid_discovery_is_found_by_rfc_8414(daemon_factory, emulator, tmp_path):

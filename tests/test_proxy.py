@@ -14,7 +14,7 @@ import aiohttp
 import pytest
 import requests
 
-from conftest import wait_for
+from conftest import self_signed_certificate, wait_for
 
 DEMO_CI = "demo-ci@iapd-demo.iam.gserviceaccount.com"
 
@@ -257,40 +257,6 @@ def test_where_peers_cannot_be_told_apart_a_tcp_proxy_does_not_start(daemon_fact
 
 # -- the upstream over TLS, through a corporate proxy -----------------------------------------
 
-def _tls_pair(folder):
-    """A CA of the test's own and a certificate it signed for localhost: (ca.pem, cert.pem, key.pem)."""
-    import datetime
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    now = datetime.datetime.now(datetime.timezone.utc)
-    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "iapd test CA")])
-    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
-          .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
-          .not_valid_after(now + datetime.timedelta(days=1))
-          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-          .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True)
-          .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
-          .sign(ca_key, hashes.SHA256()))
-    leaf = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]))
-            .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
-            .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
-            .sign(ca_key, hashes.SHA256()))
-    paths = folder / "ca.pem", folder / "cert.pem", folder / "key.pem"
-    paths[0].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    paths[1].write_bytes(leaf.public_bytes(serialization.Encoding.PEM))
-    paths[2].write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
-    return paths
-
-
 @pytest.fixture
 def tls_app(tmp_path):
     """An HTTPS app on localhost that answers with the headers it got, and a CONNECT proxy that
@@ -300,7 +266,7 @@ def tls_app(tmp_path):
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
     from socketserver import StreamRequestHandler, ThreadingTCPServer
 
-    ca, cert, key = _tls_pair(tmp_path)
+    cert, key = self_signed_certificate(tmp_path, "localhost")
 
     class App(BaseHTTPRequestHandler):
         def do_GET(self):
@@ -353,7 +319,7 @@ def tls_app(tmp_path):
     proxy.daemon_threads = True
     for server in (app, proxy):
         threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield app.server_address[1], proxy.server_address[1], ca, seen
+    yield app.server_address[1], proxy.server_address[1], cert, seen
     for server in (app, proxy):
         server.shutdown()
 
