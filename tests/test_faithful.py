@@ -151,6 +151,15 @@ def test_revocation_is_counted_by_its_status_not_its_body(daemon, emulator):
     assert emulator.counters()["revoked"] == 1
 
 
+def test_a_login_asked_while_one_is_pending_joins_it(daemon):
+    """Not only logins fired together: one asked a minute later, while the first still waits
+    for its browser, joins that flow (one tab, one listener) rather than opening another."""
+    first = daemon.request("POST", "/v1/login/demo-user").json()
+    second = daemon.request("POST", "/v1/login/demo-user").json()
+    assert first["state"] == second["state"] == "pending" and not first.get("joined")
+    assert second["joined"] is True and second["auth_url"] == first["auth_url"], second
+
+
 def test_concurrent_logins_share_one_flow_from_the_first_request(daemon, emulator):
     """flytekit's parallel `iapctl token` calls must open one browser tab, not eight."""
     barrier = threading.Barrier(8)
