@@ -72,7 +72,8 @@ def env_of(daemon, tmp_path, **extra) -> dict:
             "DISPLAY": "", **extra}
 
 
-@pytest.mark.parametrize("methods", [["client_secret_basic", "client_secret_post"], ["client_secret_post"]])
+@pytest.mark.parametrize("methods", [["client_secret_basic", "client_secret_post"], ["client_secret_post"],
+                                     ["client_secret_basic"]])
 def test_client_credentials_with_the_auth_method_discovery_offers(daemon_factory, emulator, tmp_path, methods):
     emulator._post("oidc", {"auth_methods": methods})
     daemon = daemon_factory(config=oidc_config(emulator, tmp_path, bot_profile(emulator)), name="cc")
