@@ -359,10 +359,22 @@ def test_world_writable_socket_dir_and_symlinked_state_dir_are_refused(tmp_path,
 
 
 def test_no_secret_ever_logged(daemon_factory, emulator, tmp_path):
-    daemon = daemon_factory(FAST)  # --log-level debug, as every test daemon
+    # An impersonation profile too: its caller's credentials go through google-auth's own
+    # transport (requests, urllib3), the libraries that log requests at debug.
+    config = tmp_path / "secrets.toml"
+    config.write_text(emulator.config_path.read_text() + f'''
+[profiles.imp]
+audience = "{IAP}"
+[profiles.imp.service_account]
+kind = "impersonate"
+target = "deployer@iapd-demo.iam.gserviceaccount.com"
+credentials_file = "{emulator.config_path.parent / "emulator-adc.json"}"
+''')
+    daemon = daemon_factory(FAST, config=config)  # --log-level debug, as every test daemon
     served = set()
     daemon.login()
     record = daemon.record(f"user:{DESKTOP}")
+    served.add(daemon.token("imp"))
     for profile in ("demo-user", "demo-sa"):
         served.add(daemon.token(profile))
     daemon.set_clock(3600)  # renewals
@@ -376,7 +388,8 @@ def test_no_secret_ever_logged(daemon_factory, emulator, tmp_path):
     daemon.request("GET", "/v1/status")
     daemon.request("POST", "/v1/logout")
     key = json.loads((emulator.config_path.parent / "emulator-sa-key.json").read_text())["private_key"]
-    secrets = [*served, record["refresh_token"], record["client_secret"],
+    adc = json.loads((emulator.config_path.parent / "emulator-adc.json").read_text())  # imp's caller
+    secrets = [*served, record["refresh_token"], record["client_secret"], adc["refresh_token"], adc["client_secret"],
                key.splitlines()[1]]  # a line of the private key's body
     logs = daemon.logs()
     assert "new token sha256:" in logs  # tokens are named by a short hash
