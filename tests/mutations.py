@@ -132,7 +132,7 @@ MUTATIONS = [
       "                swapped = True", T + "test_one_login.py::test_a_stop_during_a_rotation_lets_it_finish_and_be_stored"),
     m("What a login is", "a rotated Google refresh token is stored: a kill -9 right after the rotation loses nothing",
       D + "logins.py", "                swapped = await self.store.swap(self.key, presented, refresh_token=new, **fields)",
-      "                swapped = True", T + "test_hardening.py::test_kill_9_of_the_daemon_mid_operation[rotation]"),
+      "                swapped = True", T + "test_hardening.py::test_a_rotated_refresh_token_is_on_disk_once_the_renewal_is_done"),
     m("What a login is", "a stored login goes only to the token endpoint it was minted at",
       D + "logins.py", "        if bound is not None and bound != endpoint:", "        if False:",
       T + "test_one_login.py::test_a_config_that_names_another_token_endpoint_never_gets_the_stored_login",

@@ -195,6 +195,29 @@ def test_kill_9_of_the_daemon_mid_operation(daemon_factory, emulator, moment):
 
 
 
+def test_a_rotated_refresh_token_is_on_disk_once_the_renewal_is_done(daemon_factory, emulator):
+    """Where the issuer rotates refresh tokens, the one a finished renewal brought is in the store
+    before the token is served: a kill -9 right after, and the restarted daemon refreshes with
+    it — no login. (A kill *during* the renewal may lose it: the issuer spent the old one, and
+    the new one never arrived; the test above accepts a clear "log in" there.)"""
+    daemon = daemon_factory(FAST)
+    emulator.settings(rotate_refresh_tokens=True)
+    daemon.login()
+    key = user_login_key(DESKTOP, emulator.url("token_url"))
+    before = daemon.record(key)["refresh_token"]
+    daemon.set_clock(3600)
+    daemon.token("demo-user")  # a refresh, which rotates the refresh token
+    assert daemon.record(key)["refresh_token"] != before  # on disk by the time the token was served
+    daemon.proc.send_signal(signal.SIGKILL)
+    daemon.proc.wait()
+    refreshes = emulator.counters()[f"refresh:{IAP}"]
+    daemon.start()
+    resp = daemon.request("GET", "/v1/token/demo-user")  # nothing cached: a refresh with the stored token
+    assert resp.status == 200, resp.status  # (not the body: a token never goes into test output)
+    assert emulator.counters()[f"refresh:{IAP}"] == refreshes + 1
+    assert iap_admits(emulator, resp.body.decode())
+
+
 def test_restart_after_kill_serves_without_login(daemon, emulator):
     daemon.login()
     daemon.token("demo-user")
