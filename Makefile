@@ -47,7 +47,7 @@ demo: $(STAMP)
 	$(BIN)/python scripts/demo.py
 
 # Every README promise's test, proven able to fail: each guarding line mutated in turn, its test
-# run, the file put back (tests/mutations.py; ~25 minutes on 2 cores). Not part of `make test`.
+# run, the file put back (tests/mutations.py; ~20 minutes on 2 cores). Not part of `make test`.
 mutations: $(STAMP) $(OP_STAMP) $(KEYRING_STAMP)
 	$(BIN)/python tests/mutations.py
 

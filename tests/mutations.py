@@ -6,7 +6,7 @@ the promise, replaces it (removes the check, inverts it, skips the step), runs t
 and expects them to fail; then it puts the file back byte for byte. A mutation the tests survive
 is a promise nobody holds, and the script says so and exits 1.
 
-    .venv/bin/python tests/mutations.py            # all of them (~25 minutes on 2 cores)
+    .venv/bin/python tests/mutations.py            # all of them (~20 minutes on 2 cores)
     .venv/bin/python tests/mutations.py --check    # only that each line to change is still there, once
     .venv/bin/python tests/mutations.py --only proxy --only keyring
     .venv/bin/python tests/mutations.py --table    # the Markdown table of tests/README.md
