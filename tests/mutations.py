@@ -597,7 +597,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--check", action="store_true", help="only check that every line to change is there, once")
     parser.add_argument("--table", action="store_true", help="print the Markdown table for tests/README.md")
-    parser.add_argument("--only", action="append", default=[], help="rows whose promise, file or test contains this")
+    parser.add_argument("--only", action="append", default=[], help="rows whose README section, promise, file or test contains this (repeatable)")
     args = parser.parse_args()
     # A SIGTERM (a timeout, a CI runner stopping) must still put every file back: `finally` runs
     # only for exceptions, and Python's default SIGTERM is no exception.
