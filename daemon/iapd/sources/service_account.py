@@ -153,16 +153,12 @@ class IamIdTokenCredential:
 
     async def fetch(self, audience: str | None) -> IdToken:
         audience = _need_audience(audience, self.profile)
-        body = {"audience": audience, "includeEmail": True,
-                "delegates": [f"projects/-/serviceAccounts/{d}" for d in self.delegates]}
-        answer = await iam_credentials(
-            self.ctx, self.caller, self.target, "generateIdToken", body, f"impersonating {self.target}",
+        token, server_date = await iam_credentials(
+            self.ctx, self.caller, self.target, "generateIdToken", {"audience": audience, "includeEmail": True},
+            self.delegates, "token", f"impersonating {self.target}",
             f"permission denied on impersonation: {self.caller.name} may not mint ID tokens for {self.target} "
             "(it needs roles/iam.serviceAccountOpenIdTokenCreator on it, and on each delegate)")
-        token = answer.get("token")
-        if not isinstance(token, str):
-            raise UpstreamError("IAM Credentials returned no token")
-        return IdToken.received(token, self.ctx.clock, answer["_server_date"])
+        return IdToken.received(token, self.ctx.clock, server_date)
 
 
 class ADCCredential:
@@ -250,19 +246,24 @@ async def resolve_adc(config: ADCSource, ctx: SourceContext, purpose: str, user_
 
 
 async def iam_credentials(ctx: SourceContext, caller: AccessTokenSource, target: str, method: str, body: dict,
-                          what: str, denied: str) -> dict:
-    """One IAM Credentials call (`generateIdToken`, `signJwt`) for `target`, authorised by the
-    caller's access token; a 401/403 is the one line `denied`."""
+                          delegates: list[str], field: str, what: str, denied: str) -> tuple[str, float | None]:
+    """One IAM Credentials call (`generateIdToken`, `signJwt`) for `target` through `delegates`,
+    authorised by the caller's access token: the answer's `field` and its `Date`. A 401/403 is
+    the one line `denied`."""
     base = ctx.endpoints.iam_credentials_url.rstrip("/")
     url = f"{base}/v1/projects/-/serviceAccounts/{target}:{method}"
     headers = {"Authorization": f"Bearer {await caller.token()}"}
+    body = {**body, "delegates": [f"projects/-/serviceAccounts/{d}" for d in delegates]}
     try:
         answer = await fetch(ctx.session, "POST", url, json=body, headers=headers, what=what)
     except UpstreamError as exc:
         if exc.http_status in (401, 403):
             raise UpstreamError(denied) from None
         raise
-    return {**json_object(answer, what), "_server_date": answer.server_date}
+    value = json_object(answer, what).get(field)
+    if not isinstance(value, str):
+        raise UpstreamError(f"IAM Credentials returned no {field}")
+    return value, answer.server_date
 
 
 def _impersonation_source(info: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:

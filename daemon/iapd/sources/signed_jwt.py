@@ -80,15 +80,12 @@ class IamSigner:
     async def sign(self, claims: dict[str, Any]) -> str:
         if self.target is None:
             self.target = await self._find_target()
-        body = {"payload": json.dumps({**claims, "iss": self.target, "sub": self.target}),
-                "delegates": [f"projects/-/serviceAccounts/{d}" for d in self.delegates]}
-        answer = await iam_credentials(
-            self.ctx, self.caller, self.target, "signJwt", body, f"signing a JWT as {self.target}",
+        signed, _ = await iam_credentials(
+            self.ctx, self.caller, self.target, "signJwt",
+            {"payload": json.dumps({**claims, "iss": self.target, "sub": self.target})}, self.delegates, "signedJwt",
+            f"signing a JWT as {self.target}",
             f"permission denied on signJwt: the caller may not sign JWTs as {self.target} (it needs "
             "iam.serviceAccounts.signJwt on it: roles/iam.serviceAccountTokenCreator)")
-        signed = answer.get("signedJwt")
-        if not isinstance(signed, str):
-            raise UpstreamError("IAM Credentials returned no signedJwt")
         return signed
 
 
