@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import wait_for
-from test_service_accounts import iap_admits
+from test_service_accounts import SOURCES, iap_admits, profiles
 from iapd.jwt import unverified_claims
 from iapd.logins import user_login_key
 
@@ -382,22 +382,14 @@ def test_world_writable_socket_dir_and_symlinked_state_dir_are_refused(tmp_path,
 
 
 def test_no_secret_ever_logged(daemon_factory, emulator, tmp_path):
-    # An impersonation profile too: its caller's credentials go through google-auth's own
-    # transport (requests, urllib3), the libraries that log requests at debug.
-    config = tmp_path / "secrets.toml"
-    config.write_text(emulator.config_path.read_text() + f'''
-[profiles.imp]
-audience = "{IAP}"
-[profiles.imp.service_account]
-kind = "impersonate"
-target = "deployer@iapd-demo.iam.gserviceaccount.com"
-credentials_file = "{emulator.config_path.parent / "emulator-adc.json"}"
-''')
+    # The service-account kinds too (impersonate-from-user, of test_service_accounts): its caller's
+    # credentials go through google-auth's own transport (requests, urllib3), which log at debug.
+    config = profiles(emulator, tmp_path, SOURCES)
     daemon = daemon_factory(FAST, config=config)  # --log-level debug, as every test daemon
     served = set()
     daemon.login()
     record = daemon.record(f"user:{DESKTOP}")
-    served.add(daemon.token("imp"))
+    served.add(daemon.token("impersonate-from-user"))
     for profile in ("demo-user", "demo-sa"):
         served.add(daemon.token(profile))
     daemon.set_clock(3600)  # renewals
